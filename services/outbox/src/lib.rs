@@ -1,0 +1,164 @@
+//! Transactional outbox: the write side.
+//!
+//! A service never publishes to the broker from a request handler. It calls
+//! [`enqueue`] with the transaction that holds its domain change, so the event
+//! row commits or rolls back together with that change. The `outbox-relay`
+//! sidecar later publishes committed rows to RabbitMQ.
+//!
+//! The table's DDL lives in `migrations/outbox/` and is exposed here as
+//! [`MIGRATOR`]; every service database applies it (see [`migrator`]).
+
+use chrono::{DateTime, Utc};
+use sqlx::migrate::{Migration, Migrator};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+/// Content type of every payload this crate writes.
+pub const PROTOBUF_CONTENT_TYPE: &str = "application/x-protobuf";
+
+/// The outbox table's migrations.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/outbox");
+
+/// Builds one migrator from several migration sets (for example the outbox's,
+/// the inbox's and a service's own), so a database keeps one history table.
+/// Sets must use distinct version numbers.
+pub fn migrator<'a>(sets: impl IntoIterator<Item = &'a Migrator>) -> Migrator {
+    let migrations: Vec<Migration> = sets
+        .into_iter()
+        .flat_map(|set| set.iter().cloned())
+        .collect();
+    Migrator::with_migrations(migrations)
+}
+
+/// Errors from writing to the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The insert failed; the caller's transaction should be rolled back.
+    #[error("failed to write the event to the outbox")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Where an event came from: the ids that tie it to the request or message
+/// that caused it, and the trace it belongs to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventContext {
+    /// Shared by every event of one business flow (for example one checkout).
+    pub correlation_id: Option<Uuid>,
+    /// Message id of the event that caused this one, if any.
+    pub causation_id: Option<Uuid>,
+    /// W3C `traceparent` of the span that writes the event.
+    pub traceparent: Option<String>,
+}
+
+impl EventContext {
+    /// Context for an event that starts a new flow: its correlation id is new.
+    pub fn new_flow(correlation_id: Uuid) -> Self {
+        Self {
+            correlation_id: Some(correlation_id),
+            ..Self::default()
+        }
+    }
+
+    /// Context for an event caused by a received message: it keeps the
+    /// message's correlation id and names the message as its cause.
+    pub fn caused_by(message_id: Uuid, correlation_id: Option<Uuid>) -> Self {
+        Self {
+            correlation_id,
+            causation_id: Some(message_id),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the W3C `traceparent` the event carries to its consumers.
+    pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
+        self
+    }
+}
+
+/// The aggregate an event belongs to. Events of one aggregate are published
+/// in the order they were written.
+#[derive(Debug, Clone, Copy)]
+pub struct Aggregate<'a> {
+    /// Kind of aggregate, for example `order`.
+    pub kind: &'a str,
+    /// Its id.
+    pub id: &'a str,
+}
+
+impl<'a> Aggregate<'a> {
+    /// Names an aggregate.
+    pub fn new(kind: &'a str, id: &'a str) -> Self {
+        Self { kind, id }
+    }
+}
+
+/// An event as written to the outbox.
+#[derive(Debug, Clone)]
+pub struct OutboxRecord {
+    /// Unique event id (UUIDv7).
+    pub message_id: Uuid,
+    /// Full protobuf name of the payload.
+    pub event_type: String,
+    /// When the event was written.
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// Writes `event` to the outbox inside `tx`. The event becomes visible to the
+/// relay when, and only if, `tx` commits.
+#[tracing::instrument(skip_all, fields(aggregate = aggregate.kind, aggregate_id = aggregate.id, event_type), err)]
+pub async fn enqueue<E>(
+    tx: &mut Transaction<'_, Postgres>,
+    aggregate: Aggregate<'_>,
+    event: &E,
+    context: &EventContext,
+) -> Result<OutboxRecord, OutboxError>
+where
+    E: prost::Message + prost::Name,
+{
+    let event_type = E::full_name();
+    tracing::Span::current().record("event_type", event_type.as_str());
+    enqueue_raw(
+        tx,
+        aggregate,
+        &event_type,
+        &event.encode_to_vec(),
+        PROTOBUF_CONTENT_TYPE,
+        context,
+    )
+    .await
+}
+
+/// Writes an already encoded payload to the outbox inside `tx`.
+pub async fn enqueue_raw(
+    tx: &mut Transaction<'_, Postgres>,
+    aggregate: Aggregate<'_>,
+    event_type: &str,
+    payload: &[u8],
+    content_type: &str,
+    context: &EventContext,
+) -> Result<OutboxRecord, OutboxError> {
+    let record = OutboxRecord {
+        message_id: Uuid::now_v7(),
+        event_type: event_type.to_owned(),
+        occurred_at: Utc::now(),
+    };
+    sqlx::query(
+        "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload, \
+         content_type, occurred_at, correlation_id, causation_id, traceparent) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(record.message_id)
+    .bind(aggregate.kind)
+    .bind(aggregate.id)
+    .bind(event_type)
+    .bind(payload)
+    .bind(content_type)
+    .bind(record.occurred_at)
+    .bind(context.correlation_id)
+    .bind(context.causation_id)
+    .bind(context.traceparent.as_deref())
+    .execute(&mut **tx)
+    .await?;
+    Ok(record)
+}

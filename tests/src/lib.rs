@@ -1,0 +1,316 @@
+//! Test harness: real PostgreSQL and RabbitMQ for every test.
+//!
+//! When `DATABASE_URL` and `AMQP_URL` are set, tests use those servers;
+//! otherwise the first test starts both with testcontainers and the rest of
+//! the test binary shares them. Every test gets a fresh database of its own
+//! ([`TestDatabase`]) and broker names of its own ([`TestBroker`]), so tests
+//! run in parallel, and both are removed when the test ends, pass or fail.
+//!
+//! Set `TEST_LOG=1` to see the code under test's tracing output.
+
+use std::sync::Once;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::{Connection, ConnectionProperties};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection as _, PgConnection, PgPool};
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+/// Addresses of the servers the tests run against.
+#[derive(Debug, Clone)]
+pub struct Servers {
+    /// Administrative connection string (any database of the server).
+    pub database_url: String,
+    /// AMQP URI of the broker.
+    pub amqp_url: String,
+    containers: Option<&'static Containers>,
+}
+
+#[derive(Debug)]
+struct Containers {
+    rabbitmq: testcontainers_modules::testcontainers::ContainerAsync<
+        testcontainers_modules::rabbitmq::RabbitMq,
+    >,
+    _postgres: testcontainers_modules::testcontainers::ContainerAsync<
+        testcontainers_modules::postgres::Postgres,
+    >,
+}
+
+static SERVERS: OnceCell<Servers> = OnceCell::const_new();
+static CONTAINERS: OnceCell<Containers> = OnceCell::const_new();
+
+/// The servers for this test binary, started on first use if the environment
+/// names none.
+pub async fn servers() -> &'static Servers {
+    init_tracing();
+    SERVERS
+        .get_or_init(|| async {
+            match (std::env::var("DATABASE_URL"), std::env::var("AMQP_URL")) {
+                (Ok(database_url), Ok(amqp_url)) => Servers {
+                    database_url,
+                    amqp_url,
+                    containers: None,
+                },
+                _ => start_containers()
+                    .await
+                    .expect("failed to start test containers"),
+            }
+        })
+        .await
+}
+
+async fn start_containers() -> Result<Servers> {
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    let containers = CONTAINERS
+        .get_or_try_init(|| async {
+            let postgres = testcontainers_modules::postgres::Postgres::default()
+                .start()
+                .await
+                .context("failed to start the PostgreSQL container")?;
+            let rabbitmq = testcontainers_modules::rabbitmq::RabbitMq::default()
+                .start()
+                .await
+                .context("failed to start the RabbitMQ container")?;
+            anyhow::Ok(Containers {
+                rabbitmq,
+                _postgres: postgres,
+            })
+        })
+        .await?;
+    let pg_port = containers._postgres.get_host_port_ipv4(5432).await?;
+    let pg_host = containers._postgres.get_host().await?;
+    let amqp_port = containers.rabbitmq.get_host_port_ipv4(5672).await?;
+    let amqp_host = containers.rabbitmq.get_host().await?;
+    Ok(Servers {
+        database_url: format!("postgres://postgres:postgres@{pg_host}:{pg_port}/postgres"),
+        amqp_url: format!("amqp://guest:guest@{amqp_host}:{amqp_port}/%2f"),
+        containers: Some(containers),
+    })
+}
+
+impl Servers {
+    /// Stops and starts the RabbitMQ application, dropping every client
+    /// connection while durable queues and persistent messages survive.
+    pub async fn restart_broker(&self) -> Result<()> {
+        self.rabbitmqctl(&["stop_app"]).await?;
+        self.rabbitmqctl(&["start_app"]).await?;
+        self.rabbitmqctl(&["await_startup"]).await
+    }
+
+    async fn rabbitmqctl(&self, args: &[&str]) -> Result<()> {
+        match self.containers {
+            Some(containers) => {
+                let mut cmd = vec!["rabbitmqctl"];
+                cmd.extend_from_slice(args);
+                let result = containers
+                    .rabbitmq
+                    .exec(testcontainers_modules::testcontainers::core::ExecCommand::new(cmd))
+                    .await?;
+                let code = result.exit_code().await?;
+                anyhow::ensure!(code == Some(0), "rabbitmqctl {args:?} exited with {code:?}");
+            }
+            None => {
+                let status = tokio::process::Command::new("rabbitmqctl")
+                    .args(args)
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .await
+                    .context("failed to run rabbitmqctl")?;
+                anyhow::ensure!(status.success(), "rabbitmqctl {args:?} failed: {status}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn init_tracing() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+/// A database created for one test and dropped when the value is dropped.
+#[derive(Debug)]
+pub struct TestDatabase {
+    /// Connection string of this database.
+    pub url: String,
+    /// Pool connected to this database.
+    pub pool: PgPool,
+    name: String,
+    admin_url: String,
+}
+
+impl TestDatabase {
+    /// Creates an empty database and applies `migrator` to it.
+    pub async fn create(migrator: &Migrator) -> Result<Self> {
+        let servers = servers().await;
+        let name = format!("test_{}", Uuid::new_v4().simple());
+        let admin: PgConnectOptions = servers.database_url.parse()?;
+        let mut conn = admin
+            .connect()
+            .await
+            .context("failed to connect to PostgreSQL")?;
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+
+        let options = admin.clone().database(&name);
+        let url = options.to_url_lossy().to_string();
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect_with(options)
+            .await?;
+        migrator
+            .run(&pool)
+            .await
+            .context("failed to migrate the test database")?;
+        Ok(Self {
+            url,
+            pool,
+            name,
+            admin_url: servers.database_url.clone(),
+        })
+    }
+
+    /// Opens a new connection to this database.
+    pub async fn connect(&self) -> Result<PgConnection> {
+        Ok(PgConnection::connect(&self.url).await?)
+    }
+
+    /// Terminates every other session on this database, as a database
+    /// restart or failover would.
+    pub async fn terminate_connections(&self) -> Result<u64> {
+        let mut conn = PgConnection::connect(&self.admin_url).await?;
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .fetch_one(&mut conn)
+        .await?;
+        Ok(killed as u64)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let admin_url = self.admin_url.clone();
+        let pool = self.pool.clone();
+        // Drop runs outside any async context we can rely on, so the
+        // cleanup gets a small runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                pool.close().await;
+                let mut conn = PgConnection::connect(&admin_url).await?;
+                sqlx::query(AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await?;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+    }
+}
+
+/// Broker names reserved for one test; the exchanges and queues they name are
+/// deleted when the value is dropped.
+#[derive(Debug)]
+pub struct TestBroker {
+    /// AMQP URI of the broker.
+    pub url: String,
+    prefix: String,
+    names: std::sync::Mutex<Vec<String>>,
+}
+
+impl TestBroker {
+    /// Reserves a fresh name prefix on the test broker.
+    pub async fn new() -> Self {
+        let servers = servers().await;
+        Self {
+            url: servers.amqp_url.clone(),
+            prefix: format!("test.{}", Uuid::new_v4().simple()),
+            names: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A name unique to this test, for an exchange or a queue.
+    pub fn name(&self, suffix: &str) -> String {
+        let name = format!("{}.{suffix}", self.prefix);
+        self.names.lock().expect("names lock").push(name.clone());
+        name
+    }
+
+    /// Opens a connection to the broker.
+    pub async fn connect(&self) -> Result<Connection> {
+        Ok(Connection::connect(&self.url, ConnectionProperties::default()).await?)
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut *self.names.lock().expect("names lock"));
+        let url = self.url.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+                for name in names {
+                    // Each name may be a queue, an exchange, or both: delete
+                    // either kind, each on its own channel.
+                    let channel = conn.create_channel().await?;
+                    let _ = channel
+                        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                    let channel = conn.create_channel().await?;
+                    let _ = channel
+                        .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "OK".into()).await;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
