@@ -210,15 +210,14 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         let name = self.name.clone();
         let admin_url = self.admin_url.clone();
-        let pool = self.pool.clone();
-        // Drop runs outside any async context we can rely on, so the
-        // cleanup gets a small runtime of its own.
+        // The test's runtime may be blocked in this very call, so the cleanup
+        // gets a runtime of its own and must not touch the test's pool: the
+        // forced drop ends that pool's sessions.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
-                pool.close().await;
                 let mut conn = PgConnection::connect(&admin_url).await?;
                 sqlx::query(AssertSqlSafe(format!(
                     "DROP DATABASE IF EXISTS {name} WITH (FORCE)"

@@ -1,0 +1,40 @@
+//! A RabbitMQ restart in the middle of a stream loses nothing.
+//!
+//! This test restarts the shared broker, so it lives in a test binary of its
+//! own: no other test runs while the broker is down.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use support::{RunningRelay, Setup, assert_complete_and_in_order};
+
+#[tokio::test]
+async fn broker_restart_mid_stream_loses_nothing() -> Result<()> {
+    let setup = Setup::new().await?;
+    let (aggregates, per_aggregate) = (20, 200);
+    setup.insert_events(aggregates, per_aggregate, 400).await?;
+    let collector = setup.consume();
+    let mut settings = setup.settings();
+    settings.batch_size = 50;
+    let relay = RunningRelay::start(settings).await?;
+
+    shop_tests::eventually(Duration::from_secs(60), "the first events", || async {
+        Ok((!collector.received().is_empty()).then_some(()))
+    })
+    .await?;
+    shop_tests::servers().await.restart_broker().await?;
+    assert!(
+        setup.unpublished().await? > 0,
+        "the relay finished before the restart; the test proves nothing"
+    );
+
+    collector
+        .wait_for_distinct(aggregates * per_aggregate, Duration::from_secs(120))
+        .await?;
+    relay.stop().await?;
+    assert_complete_and_in_order(&collector.received(), aggregates, per_aggregate);
+    assert_eq!(setup.unpublished().await?, 0);
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! The relay against real PostgreSQL and RabbitMQ: delivery, order, crashes,
+//! several instances, polling without NOTIFY, quarantine and shutdown.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use support::{RunningRelay, Setup, assert_complete_and_in_order, insert_event};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn committed_events_arrive_with_their_metadata_and_rolled_back_ones_never_do() -> Result<()> {
+    let setup = Setup::new().await?;
+    let collector = setup.consume();
+    let relay = RunningRelay::start(setup.settings()).await?;
+
+    let mut tx = setup.db.pool.begin().await?;
+    insert_event(&mut tx, "rolled-back", 0, Vec::new()).await?;
+    tx.rollback().await?;
+
+    let correlation_id = uuid::Uuid::now_v7();
+    let causation_id = uuid::Uuid::now_v7();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut tx = setup.db.pool.begin().await?;
+    let record = shop_outbox::enqueue(
+        &mut tx,
+        shop_outbox::Aggregate::new("order", "order-1"),
+        &shop_proto::events::v1::OrderCancelled {
+            order_id: "order-1".into(),
+            detail: "test".into(),
+            ..Default::default()
+        },
+        &shop_outbox::EventContext::caused_by(causation_id, Some(correlation_id))
+            .with_traceparent(Some(traceparent.into())),
+    )
+    .await?;
+    tx.commit().await?;
+
+    collector.wait_for_distinct(1, TIMEOUT).await?;
+    relay.stop().await?;
+
+    let received = collector.received();
+    assert_eq!(received.len(), 1, "only the committed event is published");
+    let message = &received[0];
+    let properties = &message.properties;
+    let event_type = "shop.events.v1.OrderCancelled";
+    assert_eq!(message.message_id(), record.message_id.to_string());
+    assert_eq!(properties.kind().as_ref().unwrap().as_str(), event_type);
+    assert_eq!(
+        properties.content_type().as_ref().unwrap().as_str(),
+        shop_outbox::PROTOBUF_CONTENT_TYPE
+    );
+    assert_eq!(properties.app_id().as_ref().unwrap().as_str(), "relay-test");
+    assert_eq!(
+        properties.correlation_id().as_ref().unwrap().as_str(),
+        correlation_id.to_string()
+    );
+    assert_eq!(*properties.delivery_mode(), Some(2), "persistent delivery");
+    assert_eq!(*properties.timestamp(), Some(record.occurred_at.timestamp() as u64));
+    assert_eq!(message.header("aggregate_type").as_deref(), Some("order"));
+    assert_eq!(message.header("aggregate_id").as_deref(), Some("order-1"));
+    assert_eq!(message.header("traceparent").as_deref(), Some(traceparent));
+    assert_eq!(message.header("causation_id"), Some(causation_id.to_string()));
+    assert_eq!(message.header("ce-specversion").as_deref(), Some("1.0"));
+    assert_eq!(message.header("ce-id"), Some(record.message_id.to_string()));
+    assert_eq!(message.header("ce-source").as_deref(), Some("relay-test"));
+    assert_eq!(message.header("ce-type").as_deref(), Some(event_type));
+    assert!(message.header("ce-time").unwrap().starts_with(&record.occurred_at.format("%Y-%m-%dT%H:%M").to_string()));
+    let decoded: shop_proto::events::v1::OrderCancelled =
+        prost::Message::decode(message.payload.as_bytes())?;
+    assert_eq!(decoded.order_id, "order-1");
+    assert_eq!(setup.unpublished().await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn relay_killed_mid_batch_loses_nothing() -> Result<()> {
+    let setup = Setup::new().await?;
+    let (aggregates, per_aggregate) = (50, 100);
+    setup.insert_events(aggregates, per_aggregate, 500).await?;
+    let collector = setup.consume();
+
+    let mut settings = setup.settings();
+    settings.batch_size = 200;
+    let mut first = setup.spawn_relay_process(&settings);
+    // Kill it while it is publishing: some events are out, most are not.
+    shop_tests::eventually(TIMEOUT, "the first events", || async {
+        Ok((!collector.received().is_empty()).then_some(()))
+    })
+    .await?;
+    first.kill()?;
+    let total = aggregates * per_aggregate;
+    assert!(
+        setup.unpublished().await? > 0,
+        "the relay finished before it could be killed; the test proves nothing"
+    );
+
+    let second = setup.spawn_relay_process(&settings);
+    let outcome = collector.wait_for_distinct(total, TIMEOUT).await;
+    drop(second);
+    outcome?;
+    assert_complete_and_in_order(&collector.received(), aggregates, per_aggregate);
+    Ok(())
+}
+
+#[tokio::test]
+async fn three_relays_share_the_outbox_and_keep_every_aggregate_in_order() -> Result<()> {
+    let setup = Setup::new().await?;
+    let (aggregates, per_aggregate) = (100, 100);
+    setup.insert_events(aggregates, per_aggregate, 1000).await?;
+    let collector = setup.consume();
+
+    let mut settings = setup.settings();
+    settings.batch_size = 100;
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        relays.push(RunningRelay::start(settings.clone()).await?);
+    }
+
+    // Every instance takes a share of the partitions.
+    shop_tests::eventually(TIMEOUT, "every relay to hold partitions", || async {
+        let holders: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT l.pid) FROM pg_locks l \
+             JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND d.datname = current_database()",
+        )
+        .fetch_one(&setup.db.pool)
+        .await?;
+        Ok((holders == 3).then_some(()))
+    })
+    .await?;
+
+    // One instance dies without a goodbye; the others take its share over.
+    let crashed = relays.remove(0);
+    crashed.handle.abort();
+    let _ = crashed.handle.await;
+
+    collector
+        .wait_for_distinct(aggregates * per_aggregate, TIMEOUT)
+        .await?;
+    for relay in relays {
+        relay.stop().await?;
+    }
+    assert_complete_and_in_order(&collector.received(), aggregates, per_aggregate);
+    assert_eq!(setup.unpublished().await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn polling_alone_delivers_when_notifications_are_off() -> Result<()> {
+    let setup = Setup::new().await?;
+    let collector = setup.consume();
+    let mut settings = setup.settings();
+    settings.listen = false;
+    settings.poll_interval = Duration::from_millis(200);
+    let relay = RunningRelay::start(settings).await?;
+
+    setup.insert_events(5, 4, 3).await?;
+    collector.wait_for_distinct(20, TIMEOUT).await?;
+    relay.stop().await?;
+    assert_complete_and_in_order(&collector.received(), 5, 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn poison_row_is_quarantined_while_other_aggregates_flow_and_replays_in_order() -> Result<()> {
+    let setup = Setup::new().await?;
+    let collector = setup.consume();
+    let mut settings = setup.settings();
+    settings.max_payload_bytes = 1024;
+    settings.max_attempts = 3;
+
+    // agg-0's second event is too large; agg-0's later events wait behind it.
+    let mut tx = setup.db.pool.begin().await?;
+    insert_event(&mut tx, "agg-0", 0, Vec::new()).await?;
+    let poison = insert_event(&mut tx, "agg-0", 1, vec![b'x'; 4096]).await?;
+    insert_event(&mut tx, "agg-0", 2, Vec::new()).await?;
+    for n in 0..3 {
+        insert_event(&mut tx, "agg-1", n, Vec::new()).await?;
+    }
+    tx.commit().await?;
+
+    let relay = RunningRelay::start(settings.clone()).await?;
+    shop_tests::eventually(TIMEOUT, "the poison row's quarantine", || async {
+        let rows = outbox_relay::store::list_quarantined(&setup.db.pool).await?;
+        Ok((rows.len() == 1).then_some(rows))
+    })
+    .await
+    .map(|rows| {
+        assert_eq!(rows[0].message_id, poison);
+        assert_eq!(rows[0].attempts, 3);
+        assert!(rows[0].last_error.as_deref().unwrap().contains("exceeds the limit"));
+    })?;
+    collector.wait_for_distinct(4, TIMEOUT).await?;
+    relay.stop().await?;
+    let payloads: Vec<String> = collector.received().iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(payloads, vec!["agg-0:0", "agg-1:0", "agg-1:1", "agg-1:2"]);
+
+    // The operator lists it with the CLI, raises the limit and replays it.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["quarantine", "list", "--database-url", &setup.db.url])
+        .output()?;
+    assert!(listed.status.success());
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&poison.to_string()));
+    let replayed = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["quarantine", "replay", "--all", "--database-url", &setup.db.url])
+        .output()?;
+    assert!(replayed.status.success());
+    assert!(String::from_utf8_lossy(&replayed.stdout).starts_with("1 row(s)"));
+
+    settings.max_payload_bytes = 8192;
+    let relay = RunningRelay::start(settings).await?;
+    collector.wait_for_distinct(6, TIMEOUT).await?;
+    relay.stop().await?;
+    assert_complete_and_in_order(&collector.received(), 2, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn database_connections_lost_mid_stream_lose_nothing() -> Result<()> {
+    let setup = Setup::new().await?;
+    let (aggregates, per_aggregate) = (20, 100);
+    setup.insert_events(aggregates, per_aggregate, 200).await?;
+    let collector = setup.consume();
+    let mut settings = setup.settings();
+    settings.batch_size = 50;
+    let relay = RunningRelay::start(settings).await?;
+
+    shop_tests::eventually(TIMEOUT, "the first events", || async {
+        Ok((!collector.received().is_empty()).then_some(()))
+    })
+    .await?;
+    let killed = setup.db.terminate_connections().await?;
+    assert!(killed > 0, "the relay had no connection to lose");
+
+    collector
+        .wait_for_distinct(aggregates * per_aggregate, TIMEOUT)
+        .await?;
+    relay.stop().await?;
+    assert_complete_and_in_order(&collector.received(), aggregates, per_aggregate);
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_reports_serving_and_sigterm_stops_cleanly_releasing_leases() -> Result<()> {
+    let setup = Setup::new().await?;
+    let collector = setup.consume();
+    let relay = RunningRelay::start(setup.settings()).await?;
+    let addr = relay.health_addr;
+    let status = shop_tests::eventually(TIMEOUT, "the relay to serve", || async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        let mut client = HealthClient::new(channel);
+        let status = client
+            .check(HealthCheckRequest { service: String::new() })
+            .await?
+            .into_inner()
+            .status();
+        Ok((status == ServingStatus::Serving).then_some(status))
+    })
+    .await?;
+    assert_eq!(status, ServingStatus::Serving);
+    relay.stop().await?;
+
+    // The same through the binary and a real SIGTERM.
+    let mut child = setup.spawn_relay_process(&setup.settings());
+    setup.insert_events(3, 3, 9).await?;
+    collector.wait_for_distinct(9, TIMEOUT).await?;
+    let exit = child.terminate().await?;
+    assert!(exit.success(), "relay exited with {exit}");
+    let leases: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+         WHERE l.locktype = 'advisory' AND d.datname = current_database()",
+    )
+    .fetch_one(&setup.db.pool)
+    .await?;
+    assert_eq!(leases, 0, "a stopped relay holds no partitions");
+    assert_eq!(setup.unpublished().await?, 0);
+    Ok(())
+}
