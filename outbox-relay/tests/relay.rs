@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use support::{RunningRelay, Setup, assert_complete_and_in_order, insert_event};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -61,16 +61,27 @@ async fn committed_events_arrive_with_their_metadata_and_rolled_back_ones_never_
         correlation_id.to_string()
     );
     assert_eq!(*properties.delivery_mode(), Some(2), "persistent delivery");
-    assert_eq!(*properties.timestamp(), Some(record.occurred_at.timestamp() as u64));
+    assert_eq!(
+        *properties.timestamp(),
+        Some(record.occurred_at.timestamp() as u64)
+    );
     assert_eq!(message.header("aggregate_type").as_deref(), Some("order"));
     assert_eq!(message.header("aggregate_id").as_deref(), Some("order-1"));
     assert_eq!(message.header("traceparent").as_deref(), Some(traceparent));
-    assert_eq!(message.header("causation_id"), Some(causation_id.to_string()));
+    assert_eq!(
+        message.header("causation_id"),
+        Some(causation_id.to_string())
+    );
     assert_eq!(message.header("ce-specversion").as_deref(), Some("1.0"));
     assert_eq!(message.header("ce-id"), Some(record.message_id.to_string()));
     assert_eq!(message.header("ce-source").as_deref(), Some("relay-test"));
     assert_eq!(message.header("ce-type").as_deref(), Some(event_type));
-    assert!(message.header("ce-time").unwrap().starts_with(&record.occurred_at.format("%Y-%m-%dT%H:%M").to_string()));
+    assert!(
+        message
+            .header("ce-time")
+            .unwrap()
+            .starts_with(&record.occurred_at.format("%Y-%m-%dT%H:%M").to_string())
+    );
     let decoded: shop_proto::events::v1::OrderCancelled =
         prost::Message::decode(message.payload.as_bytes())?;
     assert_eq!(decoded.order_id, "order-1");
@@ -168,7 +179,8 @@ async fn polling_alone_delivers_when_notifications_are_off() -> Result<()> {
 }
 
 #[tokio::test]
-async fn poison_row_is_quarantined_while_other_aggregates_flow_and_replays_in_order() -> Result<()> {
+async fn poison_row_is_quarantined_while_other_aggregates_flow_and_replays_in_order() -> Result<()>
+{
     let setup = Setup::new().await?;
     let collector = setup.consume();
     let mut settings = setup.settings();
@@ -194,11 +206,21 @@ async fn poison_row_is_quarantined_while_other_aggregates_flow_and_replays_in_or
     .map(|rows| {
         assert_eq!(rows[0].message_id, poison);
         assert_eq!(rows[0].attempts, 3);
-        assert!(rows[0].last_error.as_deref().unwrap().contains("exceeds the limit"));
+        assert!(
+            rows[0]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("exceeds the limit")
+        );
     })?;
     collector.wait_for_distinct(4, TIMEOUT).await?;
     relay.stop().await?;
-    let payloads: Vec<String> = collector.received().iter().map(|m| m.payload.clone()).collect();
+    let payloads: Vec<String> = collector
+        .received()
+        .iter()
+        .map(|m| m.payload.clone())
+        .collect();
     assert_eq!(payloads, vec!["agg-0:0", "agg-1:0", "agg-1:1", "agg-1:2"]);
 
     // The operator lists it with the CLI, raises the limit and replays it.
@@ -208,7 +230,13 @@ async fn poison_row_is_quarantined_while_other_aggregates_flow_and_replays_in_or
     assert!(listed.status.success());
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&poison.to_string()));
     let replayed = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(["quarantine", "replay", "--all", "--database-url", &setup.db.url])
+        .args([
+            "quarantine",
+            "replay",
+            "--all",
+            "--database-url",
+            &setup.db.url,
+        ])
         .output()?;
     assert!(replayed.status.success());
     assert!(String::from_utf8_lossy(&replayed.stdout).starts_with("1 row(s)"));
@@ -258,7 +286,9 @@ async fn health_reports_serving_and_sigterm_stops_cleanly_releasing_leases() -> 
             .await?;
         let mut client = HealthClient::new(channel);
         let status = client
-            .check(HealthCheckRequest { service: String::new() })
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
             .await?
             .into_inner()
             .status();

@@ -259,6 +259,12 @@ impl TestBroker {
         name
     }
 
+    /// Deletes `name` (a queue or exchange made from one of this test's names)
+    /// at the end of the test too.
+    pub fn track(&self, name: &str) {
+        self.names.lock().expect("names lock").push(name.to_owned());
+    }
+
     /// Opens a connection to the broker.
     pub async fn connect(&self) -> Result<Connection> {
         Ok(Connection::connect(&self.url, ConnectionProperties::default()).await?)

@@ -3,12 +3,12 @@
 
 use anyhow::Result;
 use futures_util::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use shop_outbox::{Aggregate, EventContext};
 use shop_tests::{TestBroker, TestDatabase, servers};
 use sqlx::Connection as _;
@@ -60,14 +60,23 @@ async fn broker_names_carry_a_message_and_are_deleted_afterwards() -> Result<()>
     let conn = broker.connect().await?;
     let channel = conn.create_channel().await?;
     channel
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let confirm = channel
         .basic_publish(
             "".into(),
             queue.as_str().into(),
-            BasicPublishOptions { mandatory: true, ..Default::default() },
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
             b"hello",
             BasicProperties::default(),
         )
@@ -93,7 +102,10 @@ async fn broker_names_carry_a_message_and_are_deleted_afterwards() -> Result<()>
     let passive = channel
         .queue_declare(
             queue.as_str().into(),
-            QueueDeclareOptions { passive: true, ..Default::default() },
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await;

@@ -174,7 +174,9 @@ impl RelayProcess {
     /// Sends SIGTERM and waits for the process to exit.
     pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
         let pid = self.0.as_ref().expect("relay process already stopped").id();
-        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
         anyhow::ensure!(status.success(), "kill -TERM failed");
         let mut child = self.0.take().expect("relay process already stopped");
         Ok(tokio::task::spawn_blocking(move || child.wait()).await??)
@@ -244,7 +246,10 @@ pub struct Received {
 
 impl Received {
     pub fn aggregate_and_seq(&self) -> (String, usize) {
-        let (aggregate, n) = self.payload.rsplit_once(':').expect("payload is aggregate:n");
+        let (aggregate, n) = self
+            .payload
+            .rsplit_once(':')
+            .expect("payload is aggregate:n");
         let n: String = n.chars().take_while(char::is_ascii_digit).collect();
         (aggregate.to_owned(), n.parse().expect("sequence number"))
     }
@@ -348,7 +353,11 @@ async fn consume_until_error(
 
 /// Checks that every aggregate's events `0..per_aggregate` arrived and that,
 /// counting each message at its first arrival, they arrived in order.
-pub fn assert_complete_and_in_order(received: &[Received], aggregates: usize, per_aggregate: usize) {
+pub fn assert_complete_and_in_order(
+    received: &[Received],
+    aggregates: usize,
+    per_aggregate: usize,
+) {
     let mut seen: HashSet<String> = HashSet::new();
     let mut next: HashMap<String, usize> = HashMap::new();
     for message in received {
@@ -363,7 +372,11 @@ pub fn assert_complete_and_in_order(received: &[Received], aggregates: usize, pe
         );
         *expected += 1;
     }
-    assert_eq!(next.len(), aggregates, "events of some aggregates never arrived");
+    assert_eq!(
+        next.len(),
+        aggregates,
+        "events of some aggregates never arrived"
+    );
     for (aggregate, count) in next {
         assert_eq!(count, per_aggregate, "{aggregate} is missing events");
     }

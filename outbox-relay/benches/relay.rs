@@ -1,0 +1,342 @@
+//! Relay benchmark: prints the relay's drain throughput against raw
+//! confirmed publishing with lapin measured in the same run, commit→consumer
+//! latency under steady load (with NOTIFY and with polling only), and the
+//! relay's peak memory.
+//!
+//! `cargo bench -p outbox-relay --bench relay` with `DATABASE_URL` and
+//! `AMQP_URL` set (or Docker for testcontainers). `BENCH_EVENTS` changes the
+//! number of events drained (default 100000).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, ExchangeKind};
+use shop_tests::{TestBroker, TestDatabase};
+
+const PAYLOAD_BYTES: usize = 256;
+const AGGREGATES: i64 = 1000;
+const BATCH: usize = 500;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let events: i64 = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let db = TestDatabase::create(&shop_outbox::MIGRATOR).await?;
+    let broker = TestBroker::new().await;
+    let exchange = broker.name("events");
+    let queue = broker.name("sink");
+    declare(&broker, &exchange, &queue).await?;
+
+    println!(
+        "relay benchmark: {events} events of {PAYLOAD_BYTES} bytes over {AGGREGATES} aggregates"
+    );
+
+    // Baseline: raw confirmed publishing, pipelined in windows of one batch.
+    let raw = raw_publish(&broker, &exchange, events as usize).await?;
+    purge(&broker, &queue).await?;
+    let raw_rate = events as f64 / raw.as_secs_f64();
+    println!(
+        "raw lapin confirmed publish: {:>8.0} msg/s ({raw:.2?})",
+        raw_rate
+    );
+
+    // The relay draining the same number of pending rows.
+    insert_pending(&db, events).await?;
+    let started = Instant::now();
+    let mut relay = spawn_relay(&db, &broker, &exchange, true);
+    wait_drained(&db).await?;
+    let drain = started.elapsed();
+    let peak_rss_kib = peak_rss_kib(relay.id());
+    stop(&mut relay);
+    purge(&broker, &queue).await?;
+    let relay_rate = events as f64 / drain.as_secs_f64();
+    println!(
+        "outbox-relay drain:          {:>8.0} msg/s ({drain:.2?}, includes start-up)",
+        relay_rate
+    );
+    println!(
+        "drain ratio relay/raw:       {:>8.2}  (goal >= 0.80)",
+        relay_rate / raw_rate
+    );
+    if let Some(kib) = peak_rss_kib {
+        println!(
+            "relay peak RSS during drain: {:>8.1} MiB",
+            kib as f64 / 1024.0
+        );
+    }
+
+    // Latency at half of the relay's saturation rate.
+    let rate = (relay_rate / 2.0).min(2000.0);
+    for listen in [true, false] {
+        let mut relay = spawn_relay(&db, &broker, &exchange, listen);
+        wait_drained(&db).await?;
+        let (p50, p99, achieved) =
+            latency(&db, &broker, &queue, rate, Duration::from_secs(10)).await?;
+        stop(&mut relay);
+        purge(&broker, &queue).await?;
+        println!(
+            "commit→consumer latency, {} at {achieved:.0} events/s: p50 {:.1} ms, p99 {:.1} ms{}",
+            if listen {
+                "NOTIFY + poll 1s"
+            } else {
+                "poll 1s only    "
+            },
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            if listen { "  (goal p99 <= 15 ms)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+async fn declare(broker: &TestBroker, exchange: &str, queue: &str) -> Result<()> {
+    let conn = broker.connect().await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    conn.close(200, "OK".into()).await?;
+    Ok(())
+}
+
+async fn purge(broker: &TestBroker, queue: &str) -> Result<()> {
+    let conn = broker.connect().await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await?;
+    conn.close(200, "OK".into()).await?;
+    Ok(())
+}
+
+/// Publishes like the relay does (same size, properties and headers), with
+/// nothing else to do.
+async fn raw_publish(broker: &TestBroker, exchange: &str, events: usize) -> Result<Duration> {
+    let conn = broker.connect().await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let payload = vec![7u8; PAYLOAD_BYTES];
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < events {
+        let window = BATCH.min(events - sent);
+        let mut confirms = Vec::with_capacity(window);
+        for i in 0..window {
+            let mut headers = FieldTable::default();
+            for key in [
+                "aggregate_type",
+                "aggregate_id",
+                "ce-specversion",
+                "ce-id",
+                "ce-source",
+                "ce-type",
+                "ce-time",
+            ] {
+                headers.insert(
+                    key.into(),
+                    AMQPValue::LongString(LongString::from(format!("{key}-{i}"))),
+                );
+            }
+            let properties = BasicProperties::default()
+                .with_message_id(uuid::Uuid::now_v7().to_string().as_str().into())
+                .with_type("bench.v1.Event".into())
+                .with_content_type("application/x-protobuf".into())
+                .with_app_id("bench".into())
+                .with_delivery_mode(2)
+                .with_headers(headers);
+            confirms.push(
+                channel
+                    .basic_publish(
+                        exchange.into(),
+                        "bench.v1.Event".into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &payload,
+                        properties,
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            anyhow::ensure!(
+                confirm.await? == lapin::Confirmation::Ack(None),
+                "raw publish not acked"
+            );
+        }
+        sent += window;
+    }
+    let elapsed = started.elapsed();
+    conn.close(200, "OK".into()).await?;
+    Ok(elapsed)
+}
+
+async fn insert_pending(db: &TestDatabase, events: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload, \
+                             content_type, occurred_at) \
+         SELECT gen_random_uuid(), 'bench', 'agg-' || (n % $2), 'bench.v1.Event', \
+                decode(repeat('07', $3), 'hex'), 'application/x-protobuf', now() \
+         FROM generate_series(1, $1) AS n",
+    )
+    .bind(events)
+    .bind(AGGREGATES)
+    .bind(PAYLOAD_BYTES as i32)
+    .execute(&db.pool)
+    .await?;
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+fn spawn_relay(db: &TestDatabase, broker: &TestBroker, exchange: &str, listen: bool) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .env("DATABASE_URL", &db.url)
+        .env("AMQP_URL", &broker.url)
+        .env("OUTBOX_RELAY_EXCHANGE", exchange)
+        .env("OUTBOX_RELAY_LISTEN", listen.to_string())
+        .env("OUTBOX_RELAY_HEALTH_ADDR", "127.0.0.1:0")
+        .env("OUTBOX_RELAY_METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("failed to start outbox-relay")
+}
+
+fn stop(relay: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status();
+    let _ = relay.wait();
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn wait_drained(db: &TestDatabase) -> Result<()> {
+    loop {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(&db.pool)
+                .await?;
+        if pending == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes one event per transaction at `rate` for `duration` and measures
+/// the time from just before each commit to its arrival at a consumer.
+async fn latency(
+    db: &TestDatabase,
+    broker: &TestBroker,
+    queue: &str,
+    rate: f64,
+    duration: Duration,
+) -> Result<(Duration, Duration, f64)> {
+    let epoch = Instant::now();
+    let conn = broker.connect().await?;
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(1000, Default::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let total = (rate * duration.as_secs_f64()) as usize;
+    let consume = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(total);
+        while latencies.len() < total {
+            let Some(Ok(delivery)) = consumer.next().await else {
+                break;
+            };
+            let sent_us = u64::from_be_bytes(delivery.data[..8].try_into().unwrap());
+            latencies.push(
+                epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_micros(sent_us)),
+            );
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+        latencies
+    });
+
+    let pool = db.pool.clone();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for i in 0..total {
+        ticker.tick().await;
+        let mut tx = pool.begin().await?;
+        let mut payload = (epoch.elapsed().as_micros() as u64).to_be_bytes().to_vec();
+        payload.resize(PAYLOAD_BYTES, 0);
+        shop_outbox::enqueue_raw(
+            &mut tx,
+            shop_outbox::Aggregate::new("bench", &format!("agg-{}", i % AGGREGATES as usize)),
+            "bench.v1.Event",
+            &payload,
+            "application/octet-stream",
+            &shop_outbox::EventContext::default(),
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    let achieved = total as f64 / started.elapsed().as_secs_f64();
+    let mut latencies = tokio::time::timeout(Duration::from_secs(60), consume).await??;
+    conn.close(200, "OK".into()).await?;
+    anyhow::ensure!(
+        latencies.len() == total,
+        "lost events during the latency run"
+    );
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Ok((at(0.50), at(0.99), achieved))
+}

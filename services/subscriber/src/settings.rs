@@ -1,0 +1,67 @@
+//! Subscriber configuration, as command-line flags and environment
+//! variables a service flattens into its own command line.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::topology::QueueKind;
+
+/// How a service consumes its events.
+#[derive(Debug, Clone, Args)]
+pub struct SubscriberSettings {
+    /// RabbitMQ broker (amqp:// or amqps://).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+
+    /// Topic exchange the events are published on.
+    #[arg(long, env = "EVENTS_EXCHANGE", default_value = "shop.events")]
+    pub exchange: String,
+
+    /// Kind of the work and dead-letter queues.
+    #[arg(long, env = "SUBSCRIBER_QUEUE_KIND", value_enum, default_value_t = QueueKind::Quorum)]
+    pub queue_kind: QueueKind,
+
+    /// Unacknowledged deliveries the broker may send ahead.
+    #[arg(long, env = "SUBSCRIBER_PREFETCH", default_value_t = 32)]
+    pub prefetch: u16,
+
+    /// Handlers running at once (each on its own aggregates).
+    #[arg(long, env = "SUBSCRIBER_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: u16,
+
+    /// Attempts before a failing message goes to the dead-letter queue.
+    #[arg(long, env = "SUBSCRIBER_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub max_attempts: u32,
+
+    /// Delay before the first retry; doubles per attempt.
+    #[arg(long, env = "SUBSCRIBER_RETRY_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+
+    /// Longest delay between retries.
+    #[arg(long, env = "SUBSCRIBER_MAX_RETRY_BACKOFF", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub max_retry_backoff: Duration,
+
+    /// How long applied message ids are remembered. Must exceed the longest
+    /// time a message can be redelivered after it was applied.
+    #[arg(long, env = "SUBSCRIBER_INBOX_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub inbox_retention: Duration,
+}
+
+impl SubscriberSettings {
+    /// Settings for the given broker with every other value at its default.
+    pub fn new(amqp_url: &str) -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            settings: SubscriberSettings,
+        }
+        let wrapper = <Wrapper as clap::Parser>::parse_from(["subscriber", "--amqp-url", amqp_url]);
+        wrapper.settings
+    }
+}

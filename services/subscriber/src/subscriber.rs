@@ -1,0 +1,622 @@
+//! The subscriber: consumes a work queue and applies each message once.
+//!
+//! Deliveries are spread over `concurrency` lanes by aggregate, so events of
+//! one aggregate are handled one after another, in arrival order, while
+//! different aggregates proceed in parallel. For each delivery a lane:
+//!
+//! 1. reads the metadata and finds the handler for the event type (neither
+//!    found: dead-letter at once);
+//! 2. begins a transaction and records the message id in the inbox; if it was
+//!    there already, the message is a duplicate: acknowledge, do nothing;
+//! 3. runs the handler in that transaction and commits;
+//! 4. acknowledges only after the commit. A transient failure is re-published
+//!    to a delay queue (confirmed) and then acknowledged; a permanent one, or
+//!    the last attempt, goes to the dead-letter queue the same way.
+//!
+//! If the database is unreachable, the lane waits and tries the same
+//! delivery again without spending an attempt. If the broker connection
+//! breaks, unacknowledged deliveries return to the queue and are redelivered,
+//! and the inbox turns any already committed ones into no-ops.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::handler::{EventHandler, HandlerError, HandlerTx, Metadata};
+use crate::inbox;
+use crate::settings::SubscriberSettings;
+use crate::topology::{Topology, retry_delay};
+
+/// Header carrying the attempt number of a retried message.
+pub const ATTEMPT_HEADER: &str = "x-attempt";
+/// Header on a dead-lettered message: why it failed.
+pub const REASON_HEADER: &str = "x-dead-letter-reason";
+/// Header on a dead-lettered message: attempts made.
+pub const ATTEMPTS_HEADER: &str = "x-attempts";
+/// Header on a dead-lettered message: the queue it failed in.
+pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
+
+/// Longest wait between tries while the database is unreachable.
+const MAX_DATABASE_BACKOFF: Duration = Duration::from_secs(10);
+
+trait Dispatch: Send + Sync {
+    fn dispatch<'a>(
+        &'a self,
+        tx: &'a mut HandlerTx,
+        payload: &'a [u8],
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+struct Typed<E, H> {
+    handler: H,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E, H> Dispatch for Typed<E, H>
+where
+    E: prost::Message + Default + 'static,
+    H: EventHandler<E>,
+{
+    fn dispatch<'a>(
+        &'a self,
+        tx: &'a mut HandlerTx,
+        payload: &'a [u8],
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let event = E::decode(payload).map_err(|error| {
+                HandlerError::permanent(format!(
+                    "cannot decode the payload as {}: {error}",
+                    metadata.event_type
+                ))
+            })?;
+            self.handler.handle(tx, event, metadata).await
+        })
+    }
+}
+
+/// Collects the handlers of one subscriber.
+pub struct SubscriberBuilder {
+    consumer: String,
+    queue: String,
+    settings: SubscriberSettings,
+    handlers: HashMap<String, Arc<dyn Dispatch>>,
+}
+
+impl std::fmt::Debug for SubscriberBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriberBuilder")
+            .field("consumer", &self.consumer)
+            .field("queue", &self.queue)
+            .field("event_types", &self.handlers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl SubscriberBuilder {
+    /// Handles events of type `E` (bound by its full protobuf name) with
+    /// `handler`. One handler per event type.
+    pub fn on<E, H>(mut self, handler: H) -> Self
+    where
+        E: prost::Message + prost::Name + Default + 'static,
+        H: EventHandler<E>,
+    {
+        let previous = self.handlers.insert(
+            E::full_name(),
+            Arc::new(Typed {
+                handler,
+                _event: PhantomData,
+            }),
+        );
+        assert!(previous.is_none(), "two handlers for {}", E::full_name());
+        self
+    }
+
+    /// Finishes the subscriber; it applies messages through `pool`.
+    pub fn build(self, pool: PgPool) -> Subscriber {
+        let mut routing_keys: Vec<String> = self.handlers.keys().cloned().collect();
+        routing_keys.sort();
+        let topology = Topology {
+            exchange: self.settings.exchange.clone(),
+            queue: self.queue,
+            routing_keys,
+            kind: self.settings.queue_kind,
+            max_attempts: self.settings.max_attempts,
+        };
+        Subscriber {
+            inner: Arc::new(Inner {
+                consumer: self.consumer,
+                settings: self.settings,
+                topology,
+                handlers: self.handlers,
+                pool,
+            }),
+        }
+    }
+}
+
+/// A running-ready subscriber; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    consumer: String,
+    settings: SubscriberSettings,
+    topology: Topology,
+    handlers: HashMap<String, Arc<dyn Dispatch>>,
+    pool: PgPool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("consumer", &self.consumer)
+            .field("topology", &self.topology)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What became of one delivery.
+enum Outcome {
+    Handled,
+    Duplicate,
+    Retry(String),
+    DeadLetter(String),
+    DatabaseUnavailable(sqlx::Error),
+}
+
+impl Subscriber {
+    /// Starts a subscriber named `consumer` (the inbox key, also the AMQP
+    /// connection name) on work queue `queue`.
+    pub fn builder(
+        consumer: impl Into<String>,
+        queue: impl Into<String>,
+        settings: SubscriberSettings,
+    ) -> SubscriberBuilder {
+        SubscriberBuilder {
+            consumer: consumer.into(),
+            queue: queue.into(),
+            settings,
+            handlers: HashMap::new(),
+        }
+    }
+
+    /// The queues and bindings this subscriber declares.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Declares the topology without consuming, so events published before
+    /// the first run are kept for this subscriber.
+    pub async fn declare(&self) -> anyhow::Result<()> {
+        let conn = Connection::connect(
+            &self.inner.settings.amqp_url,
+            ConnectionProperties::default(),
+        )
+        .await
+        .context("failed to connect to RabbitMQ")?;
+        let channel = conn.create_channel().await?;
+        self.inner.topology.declare(&channel).await?;
+        let _ = conn.close(200, "OK".into()).await;
+        Ok(())
+    }
+
+    /// Consumes until `shutdown`, reconnecting with backoff after broker
+    /// failures. On shutdown, stops consuming, finishes the deliveries
+    /// already received, and returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Tasks live in join sets so that dropping this future (a crash or an
+        // abort) stops them too, and with them the broker connection.
+        let mut pruner = tokio::task::JoinSet::new();
+        pruner.spawn(prune_inbox(self.inner.clone(), shutdown.clone()));
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let started = Instant::now();
+            match self.session(&shutdown).await {
+                Ok(()) => break,
+                Err(error) => {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        backoff = Duration::from_millis(100);
+                    }
+                    tracing::warn!(
+                        consumer = %self.inner.consumer,
+                        error = format!("{error:#}"),
+                        retry_in = ?backoff,
+                        "subscriber session ended"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        while pruner.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let inner = &self.inner;
+        let properties =
+            ConnectionProperties::default().with_connection_name(inner.consumer.as_str().into());
+        let conn = Connection::connect(&inner.settings.amqp_url, properties)
+            .await
+            .context("failed to connect to RabbitMQ")?;
+        let channel = conn.create_channel().await?;
+        inner
+            .topology
+            .declare(&channel)
+            .await
+            .context("failed to declare the subscriber's queues")?;
+        let publisher = conn.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel
+            .basic_qos(inner.settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                inner.topology.queue.as_str().into(),
+                inner.consumer.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("failed to consume")?;
+        tracing::info!(consumer = %inner.consumer, queue = %inner.topology.queue, "subscriber consuming");
+
+        let lane_count = inner.settings.concurrency.max(1) as usize;
+        let mut lanes = Vec::with_capacity(lane_count);
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..lane_count {
+            let (tx, rx) = mpsc::channel::<Delivery>(inner.settings.prefetch.max(1) as usize);
+            lanes.push(tx);
+            workers.spawn(run_lane(
+                inner.clone(),
+                publisher.clone(),
+                rx,
+                shutdown.clone(),
+            ));
+        }
+
+        let result = loop {
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                next = consumer.next() => next,
+            };
+            match delivery {
+                Some(Ok(delivery)) => {
+                    let lane = lane_of(&delivery, lane_count);
+                    if lanes[lane].send(delivery).await.is_err() {
+                        break Err(anyhow::anyhow!("a subscriber lane stopped"));
+                    }
+                }
+                Some(Err(error)) => break Err(anyhow::Error::new(error).context("consumer failed")),
+                None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
+            }
+        };
+
+        // Stop the flow first, then let the lanes finish what they hold.
+        let _ = channel
+            .basic_cancel(
+                inner.consumer.as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await;
+        drop(lanes);
+        while workers.join_next().await.is_some() {}
+        let _ = conn.close(200, "OK".into()).await;
+        result
+    }
+}
+
+/// Picks the lane of a delivery: by aggregate, so one aggregate's events are
+/// handled in order; by message id when the producer named no aggregate.
+fn lane_of(delivery: &Delivery, lanes: usize) -> usize {
+    let key = header_str(&delivery.properties, "aggregate_id")
+        .or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+        })
+        .unwrap_or_default();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    (hasher.finish() % lanes as u64) as usize
+}
+
+async fn run_lane(
+    inner: Arc<Inner>,
+    publisher: Channel,
+    mut deliveries: mpsc::Receiver<Delivery>,
+    shutdown: CancellationToken,
+) {
+    while let Some(delivery) = deliveries.recv().await {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            let outcome = inner.apply(&delivery).await;
+            if let Outcome::DatabaseUnavailable(error) = &outcome {
+                tracing::warn!(consumer = %inner.consumer, %error, retry_in = ?backoff, "database unavailable");
+                tokio::select! {
+                    // Leave the delivery unacknowledged: it returns to the
+                    // queue when the channel closes.
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_DATABASE_BACKOFF);
+                continue;
+            }
+            if let Err(error) = inner.settle(&publisher, &delivery, outcome, started).await {
+                // Unacknowledged; the broker redelivers it after reconnecting.
+                tracing::warn!(consumer = %inner.consumer, error = format!("{error:#}"), "failed to settle a delivery");
+            }
+            break;
+        }
+    }
+}
+
+impl Inner {
+    async fn apply(&self, delivery: &Delivery) -> Outcome {
+        let metadata = match metadata(delivery) {
+            Ok(metadata) => metadata,
+            Err(reason) => return Outcome::DeadLetter(reason),
+        };
+        let Some(handler) = self.handlers.get(&metadata.event_type) else {
+            return Outcome::DeadLetter(format!(
+                "no handler for event type {}",
+                metadata.event_type
+            ));
+        };
+        let span = tracing::info_span!(
+            "handle_event",
+            consumer = %self.consumer,
+            event_type = %metadata.event_type,
+            message_id = %metadata.message_id,
+            attempt = metadata.attempt,
+            traceparent = metadata.traceparent.as_deref().unwrap_or(""),
+        );
+        async {
+            let mut tx = match self.pool.begin().await {
+                Ok(tx) => tx,
+                Err(error) => return Outcome::DatabaseUnavailable(error),
+            };
+            match inbox::record(&mut tx, &self.consumer, metadata.message_id, &metadata.event_type).await {
+                Ok(true) => {}
+                Ok(false) => return Outcome::Duplicate,
+                Err(error) => return Outcome::DatabaseUnavailable(error),
+            }
+            let started = Instant::now();
+            let result = AssertUnwindSafe(handler.dispatch(&mut tx, &delivery.data, &metadata))
+                .catch_unwind()
+                .await;
+            metrics::histogram!(crate::metrics::HANDLER_SECONDS, "consumer" => self.consumer.clone(), "event_type" => metadata.event_type.clone())
+                .record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(Ok(())) => match tx.commit().await {
+                    Ok(()) => Outcome::Handled,
+                    Err(error) => Outcome::Retry(format!("commit failed: {error}")),
+                },
+                Ok(Err(HandlerError::Transient(error))) => Outcome::Retry(format!("{error:#}")),
+                Ok(Err(HandlerError::Permanent(error))) => Outcome::DeadLetter(format!("{error:#}")),
+                Err(_) => Outcome::Retry("the handler panicked".to_owned()),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Acknowledges a delivery after doing what its outcome requires.
+    async fn settle(
+        &self,
+        publisher: &Channel,
+        delivery: &Delivery,
+        outcome: Outcome,
+        started: Instant,
+    ) -> anyhow::Result<()> {
+        let attempt = attempt_of(&delivery.properties);
+        let label = match outcome {
+            Outcome::Handled => "handled",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Retry(reason) if attempt < self.settings.max_attempts => {
+                let delay = retry_delay(
+                    attempt,
+                    self.settings.retry_backoff,
+                    self.settings.max_retry_backoff,
+                );
+                tracing::warn!(consumer = %self.consumer, attempt, ?delay, %reason, "handler failed; will retry");
+                let mut headers = headers_of(&delivery.properties);
+                headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt + 1));
+                let properties = delivery
+                    .properties
+                    .clone()
+                    .with_headers(headers)
+                    .with_expiration(delay.as_millis().to_string().as_str().into());
+                publish_confirmed(
+                    publisher,
+                    &self.topology.retry_queue(attempt),
+                    &delivery.data,
+                    properties,
+                )
+                .await?;
+                "retried"
+            }
+            Outcome::Retry(reason) | Outcome::DeadLetter(reason) => {
+                tracing::error!(consumer = %self.consumer, attempt, %reason, "message dead-lettered");
+                let mut headers = headers_of(&delivery.properties);
+                let mut put = |key: &str, value: AMQPValue| {
+                    headers.insert(ShortString::from(key), value);
+                };
+                put(
+                    REASON_HEADER,
+                    AMQPValue::LongString(LongString::from(reason)),
+                );
+                put(ATTEMPTS_HEADER, AMQPValue::LongUInt(attempt));
+                put(
+                    ORIGINAL_QUEUE_HEADER,
+                    AMQPValue::LongString(LongString::from(self.topology.queue.as_str())),
+                );
+                put(
+                    "x-original-routing-key",
+                    AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
+                );
+                let properties = delivery.properties.clone().with_headers(headers);
+                publish_confirmed(
+                    publisher,
+                    &self.topology.dead_letter_queue(),
+                    &delivery.data,
+                    properties,
+                )
+                .await?;
+                "dead_lettered"
+            }
+            Outcome::DatabaseUnavailable(_) => unreachable!("handled by the lane"),
+        };
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .context("failed to acknowledge")?;
+        metrics::counter!(crate::metrics::MESSAGES, "consumer" => self.consumer.clone(), "outcome" => label).increment(1);
+        tracing::debug!(consumer = %self.consumer, outcome = label, elapsed = ?started.elapsed(), "delivery settled");
+        Ok(())
+    }
+}
+
+async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> anyhow::Result<()> {
+    let confirmation = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            payload,
+            properties,
+        )
+        .await?
+        .await?;
+    anyhow::ensure!(
+        confirmation == Confirmation::Ack(None),
+        "the broker did not accept the message for {queue}"
+    );
+    Ok(())
+}
+
+/// Reads the metadata of a delivery; the error is a dead-letter reason.
+fn metadata(delivery: &Delivery) -> Result<Metadata, String> {
+    let properties = &delivery.properties;
+    let message_id = properties
+        .message_id()
+        .as_ref()
+        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+        .ok_or("the message has no valid message_id")?;
+    let event_type = properties
+        .kind()
+        .as_ref()
+        .map(|kind| kind.to_string())
+        .or_else(|| header_str(properties, "x-original-routing-key"))
+        .unwrap_or_else(|| delivery.routing_key.to_string());
+    Ok(Metadata {
+        message_id,
+        event_type,
+        aggregate_type: header_str(properties, "aggregate_type"),
+        aggregate_id: header_str(properties, "aggregate_id"),
+        correlation_id: properties
+            .correlation_id()
+            .as_ref()
+            .and_then(|id| Uuid::parse_str(id.as_str()).ok()),
+        traceparent: header_str(properties, "traceparent"),
+        attempt: attempt_of(properties),
+        redelivered: delivery.redelivered,
+    })
+}
+
+fn headers_of(properties: &BasicProperties) -> FieldTable {
+    properties.headers().clone().unwrap_or_default()
+}
+
+/// A string header of a message.
+pub fn header_str(properties: &BasicProperties, key: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(value) => Some(value.to_string()),
+        AMQPValue::ShortString(value) => Some(value.to_string()),
+        _ => None,
+    }
+}
+
+/// The attempt number a message carries (1 when it has none).
+pub fn attempt_of(properties: &BasicProperties) -> u32 {
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(ATTEMPT_HEADER).cloned());
+    match value {
+        Some(AMQPValue::LongUInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => n.max(1) as u32,
+        Some(AMQPValue::LongLongInt(n)) => n.max(1) as u32,
+        Some(AMQPValue::ShortUInt(n)) => n.into(),
+        Some(AMQPValue::ShortShortUInt(n)) => n.into(),
+        _ => 1,
+    }
+    .max(1)
+}
+
+async fn prune_inbox(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let every = (inner.settings.inbox_retention / 10)
+        .clamp(Duration::from_secs(1), Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        loop {
+            match inbox::prune(
+                &inner.pool,
+                &inner.consumer,
+                inner.settings.inbox_retention,
+                1000,
+            )
+            .await
+            {
+                Ok(deleted) if deleted == 1000 => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "failed to prune the inbox");
+                    break;
+                }
+            }
+        }
+    }
+}

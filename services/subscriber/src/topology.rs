@@ -1,0 +1,189 @@
+//! The broker objects one subscriber owns, and their names.
+//!
+//! For a work queue `Q` bound to the events exchange:
+//! - `Q.retry.N` holds messages after their N-th failure until their
+//!   per-message TTL expires; the broker then dead-letters them through the
+//!   default exchange straight back to `Q` (not through the topic exchange,
+//!   so no other subscriber sees the retry);
+//! - `Q.dlq` holds messages that failed for good, with headers saying why.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// Kind of the work queue and its dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueKind {
+    /// Replicated, durable; the default.
+    Quorum,
+    /// Classic durable queue, for single-node brokers or older servers.
+    Classic,
+}
+
+/// Redeliveries after which a quorum queue dead-letters a message that keeps
+/// crashing its consumer before it can be acknowledged.
+const DELIVERY_LIMIT: i64 = 20;
+
+/// The names and shape of one subscriber's queues.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Topic exchange the events arrive on.
+    pub exchange: String,
+    /// Work queue.
+    pub queue: String,
+    /// Routing keys (event types) bound to the work queue.
+    pub routing_keys: Vec<String>,
+    /// Kind of the work queue and dead-letter queue.
+    pub kind: QueueKind,
+    /// Attempts before a message is dead-lettered; one retry queue per
+    /// failure before that.
+    pub max_attempts: u32,
+}
+
+impl Topology {
+    /// Delay queue for messages that failed `failures` times.
+    pub fn retry_queue(&self, failures: u32) -> String {
+        format!("{}.retry.{failures}", self.queue)
+    }
+
+    /// Dead-letter queue.
+    pub fn dead_letter_queue(&self) -> String {
+        dead_letter_queue(&self.queue)
+    }
+
+    /// Every queue this topology declares.
+    pub fn queues(&self) -> Vec<String> {
+        let mut queues = vec![self.queue.clone(), self.dead_letter_queue()];
+        queues.extend((1..self.max_attempts).map(|n| self.retry_queue(n)));
+        queues
+    }
+
+    /// Declares the exchange, the queues and the bindings (idempotent).
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        channel
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+
+        let mut work_args = self.kind_args();
+        if self.kind == QueueKind::Quorum {
+            insert(
+                &mut work_args,
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(DELIVERY_LIMIT),
+            );
+            insert_str(&mut work_args, "x-dead-letter-exchange", "");
+            insert_str(
+                &mut work_args,
+                "x-dead-letter-routing-key",
+                &self.dead_letter_queue(),
+            );
+        }
+        declare_queue(channel, &self.queue, work_args).await?;
+        declare_queue(channel, &self.dead_letter_queue(), self.kind_args()).await?;
+        for failures in 1..self.max_attempts {
+            let mut args = FieldTable::default();
+            insert_str(&mut args, "x-dead-letter-exchange", "");
+            insert_str(&mut args, "x-dead-letter-routing-key", &self.queue);
+            declare_queue(channel, &self.retry_queue(failures), args).await?;
+        }
+        for key in &self.routing_keys {
+            channel
+                .queue_bind(
+                    self.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn kind_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if self.kind == QueueKind::Quorum {
+            insert_str(&mut args, "x-queue-type", "quorum");
+        }
+        args
+    }
+}
+
+/// Dead-letter queue of a work queue.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+/// Delay before the retry that follows the `failures`-th failure:
+/// `base * 2^(failures-1)`, at most `max`.
+pub fn retry_delay(failures: u32, base: Duration, max: Duration) -> Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
+    base.saturating_mul(factor).min(max)
+}
+
+async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+    Ok(())
+}
+
+fn insert(table: &mut FieldTable, key: &str, value: AMQPValue) {
+    table.insert(ShortString::from(key), value);
+}
+
+fn insert_str(table: &mut FieldTable, key: &str, value: &str) {
+    insert(table, key, AMQPValue::LongString(LongString::from(value)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_cap() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(1);
+        let delays: Vec<u128> = (1..=6)
+            .map(|n| retry_delay(n, base, max).as_millis())
+            .collect();
+        assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
+    }
+
+    #[test]
+    fn one_retry_queue_per_failure_before_the_last_attempt() {
+        let topology = Topology {
+            exchange: "shop.events".into(),
+            queue: "inventory.events".into(),
+            routing_keys: vec![],
+            kind: QueueKind::Quorum,
+            max_attempts: 3,
+        };
+        assert_eq!(
+            topology.queues(),
+            vec![
+                "inventory.events",
+                "inventory.events.dlq",
+                "inventory.events.retry.1",
+                "inventory.events.retry.2"
+            ]
+        );
+    }
+}

@@ -1,0 +1,49 @@
+//! A RabbitMQ restart while a subscriber is consuming loses nothing and
+//! applies nothing twice. Restarts the shared broker, so it is alone in its
+//! test binary.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use support::{Mode, Recorder, Setup};
+
+#[tokio::test]
+async fn broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice() -> Result<()> {
+    let setup = Setup::new().await?;
+    let recorder = Recorder::new(Mode::Apply);
+    setup.subscriber(&recorder).declare().await?;
+    let total = 10_000;
+    let order_ids: Vec<String> = (0..total).map(|n| format!("order-{n}")).collect();
+    setup.publish_many(&order_ids).await?;
+    let running = setup.start(&recorder).await?;
+
+    let count = || async {
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM applied")
+            .fetch_one(&setup.db.pool)
+            .await?;
+        anyhow::Ok(applied)
+    };
+    shop_tests::eventually(Duration::from_secs(30), "the first messages", || async {
+        Ok((count().await? > 0).then_some(()))
+    })
+    .await?;
+    shop_tests::servers().await.restart_broker().await?;
+    assert!(
+        count().await? < total,
+        "everything was applied before the restart; the test proves nothing"
+    );
+
+    shop_tests::eventually(Duration::from_secs(120), "every message", || async {
+        Ok((count().await? >= total).then_some(()))
+    })
+    .await?;
+    running.stop().await?;
+    let (rows, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM applied")
+            .fetch_one(&setup.db.pool)
+            .await?;
+    assert_eq!((rows, distinct), (total, total));
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! The subscriber runtime against real PostgreSQL and RabbitMQ: exactly-once
+//! effects, crashes before commit, poison messages, retries and the DLQ.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Result;
+use support::{Mode, Recorder, Setup};
+use uuid::Uuid;
+
+#[tokio::test]
+async fn the_same_message_delivered_twice_changes_state_once() -> Result<()> {
+    let setup = Setup::new().await?;
+    let recorder = Recorder::new(Mode::Apply);
+    let running = setup.start(&recorder).await?;
+
+    let id = Uuid::now_v7();
+    setup.publish(id, "order-1").await?;
+    setup.publish(id, "order-1").await?;
+    // Same aggregate, so the same lane: once this one is applied, both
+    // copies before it have been settled.
+    setup.publish(Uuid::now_v7(), "order-1").await?;
+    shop_tests::eventually(
+        Duration::from_secs(30),
+        "three deliveries settled",
+        || async {
+            let rows = setup.applied("order-1").await?;
+            Ok((rows.len() >= 2).then_some(()))
+        },
+    )
+    .await?;
+    running.stop().await?;
+
+    assert_eq!(
+        setup.applied("order-1").await?.len(),
+        2,
+        "the duplicate was applied again"
+    );
+    assert_eq!(
+        recorder.calls.load(Ordering::SeqCst),
+        2,
+        "the handler ran for the duplicate"
+    );
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE consumer = $1")
+        .bind(support::CONSUMER)
+        .fetch_one(&setup.db.pool)
+        .await?;
+    assert_eq!(inbox, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_subscriber_crashing_after_its_write_before_commit_gets_the_message_again_and_applies_it_once()
+-> Result<()> {
+    let setup = Setup::new().await?;
+    let recorder = Recorder::new(Mode::HangAfterWriteOnce);
+    let running = setup.start(&recorder).await?;
+    setup.publish(Uuid::now_v7(), "order-2").await?;
+
+    // The handler has written but not committed: crash the subscriber.
+    tokio::time::timeout(Duration::from_secs(30), recorder.wrote.notified()).await?;
+    running.crash().await;
+    assert!(
+        setup.applied("order-2").await?.is_empty(),
+        "an uncommitted write became visible"
+    );
+
+    let running = setup.start(&recorder).await?;
+    let rows = setup.wait_applied("order-2").await?;
+    running.stop().await?;
+    assert_eq!(
+        rows,
+        vec![(1, true)],
+        "applied once, on the broker's redelivery"
+    );
+    assert_eq!(setup.applied("order-2").await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_handler_panicking_after_its_write_is_retried_and_applied_once() -> Result<()> {
+    let setup = Setup::new().await?;
+    let recorder = Recorder::new(Mode::PanicAfterWriteOnce);
+    let running = setup.start(&recorder).await?;
+    setup.publish(Uuid::now_v7(), "order-3").await?;
+    let rows = setup.wait_applied("order-3").await?;
+    running.stop().await?;
+    assert_eq!(
+        rows,
+        vec![(2, false)],
+        "applied once, on the second attempt"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn poison_messages_go_to_the_dlq_while_the_next_messages_are_handled() -> Result<()> {
+    let setup = Setup::new().await?;
+    let recorder = Recorder::new(Mode::Apply);
+    let running = setup.start(&recorder).await?;
+
+    let undecodable = Uuid::now_v7();
+    setup
+        .publish_raw(
+            &setup.settings.exchange,
+            "shop.events.v1.OrderPlaced",
+            undecodable,
+            "order-4",
+            "shop.events.v1.OrderPlaced",
+            &[0xff, 0xff, 0xff],
+        )
+        .await?;
+    let unknown = Uuid::now_v7();
+    setup
+        .publish_raw(
+            "",
+            &setup.queue,
+            unknown,
+            "order-4",
+            "shop.events.v1.Unheard",
+            b"",
+        )
+        .await?;
+    for n in 0..3 {
+        setup
+            .publish(Uuid::now_v7(), &format!("order-4-{n}"))
+            .await?;
+    }
+    for n in 0..3 {
+        setup.wait_applied(&format!("order-4-{n}")).await?;
+    }
+
+    let conn = setup.broker.connect().await?;
+    let letters = shop_tests::eventually(Duration::from_secs(30), "two dead letters", || async {
+        let letters = shop_subscriber::dlq::list(&conn, &setup.queue).await?;
+        Ok((letters.len() == 2).then_some(letters))
+    })
+    .await?;
+    running.stop().await?;
+    let reason_of = |id: Uuid| {
+        letters
+            .iter()
+            .find(|l| l.message_id.as_deref() == Some(&id.to_string()))
+            .and_then(|l| l.reason.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        reason_of(undecodable).contains("cannot decode"),
+        "{letters:?}"
+    );
+    assert!(reason_of(unknown).contains("no handler"), "{letters:?}");
+    assert!(
+        letters.iter().all(|l| l.attempts == Some(1)),
+        "dead-lettered at once: {letters:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_that_keeps_failing_is_retried_with_backoff_then_dead_lettered_and_can_be_replayed()
+-> Result<()> {
+    let setup = Setup::new().await?;
+    let recorder = Recorder::new(Mode::AlwaysFail);
+    let running = setup.start(&recorder).await?;
+    let id = Uuid::now_v7();
+    setup.publish(id, "order-5-fail").await?;
+    // A later message of another aggregate is not held up by the failing one.
+    setup.publish(Uuid::now_v7(), "order-5-next").await?;
+    setup.wait_applied("order-5-next").await?;
+
+    let conn = setup.broker.connect().await?;
+    let letters = shop_tests::eventually(Duration::from_secs(30), "the dead letter", || async {
+        let letters = shop_subscriber::dlq::list(&conn, &setup.queue).await?;
+        Ok((letters.len() == 1).then_some(letters))
+    })
+    .await?;
+    assert_eq!(
+        letters[0].message_id.as_deref(),
+        Some(id.to_string().as_str())
+    );
+    assert_eq!(letters[0].attempts, Some(3));
+    assert!(
+        letters[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("downstream unavailable")
+    );
+    assert!(setup.applied("order-5-fail").await?.is_empty());
+    assert_eq!(
+        recorder.calls.load(Ordering::SeqCst),
+        3 + 1,
+        "three attempts, then the other message"
+    );
+
+    // Once the cause is fixed, the operator replays it.
+    recorder.set_mode(Mode::Apply);
+    let replayed = shop_subscriber::dlq::replay(&conn, &setup.queue, &[id.to_string()]).await?;
+    assert_eq!(replayed, 1);
+    let rows = setup.wait_applied("order-5-fail").await?;
+    running.stop().await?;
+    assert_eq!(rows, vec![(1, false)]);
+    assert!(
+        shop_subscriber::dlq::list(&conn, &setup.queue)
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_arriving_before_what_it_depends_on_is_retried_until_it_applies() -> Result<()> {
+    let mut setup = Setup::new().await?;
+    setup.settings.max_attempts = 10;
+    let recorder = Recorder::new(Mode::NeedsKnownOrder);
+    let running = setup.start(&recorder).await?;
+    setup.publish(Uuid::now_v7(), "order-6").await?;
+
+    shop_tests::eventually(Duration::from_secs(30), "a retry", || async {
+        Ok((recorder.calls.load(Ordering::SeqCst) >= 2).then_some(()))
+    })
+    .await?;
+    sqlx::query("INSERT INTO known_orders VALUES ('order-6')")
+        .execute(&setup.db.pool)
+        .await?;
+    let rows = setup.wait_applied("order-6").await?;
+    running.stop().await?;
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].0 >= 2, "applied on a retry, attempt {}", rows[0].0);
+    Ok(())
+}
