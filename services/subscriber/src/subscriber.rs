@@ -610,7 +610,7 @@ async fn prune_inbox(inner: Arc<Inner>, shutdown: CancellationToken) {
             )
             .await
             {
-                Ok(deleted) if deleted == 1000 => continue,
+                Ok(1000) => continue,
                 Ok(_) => break,
                 Err(error) => {
                     tracing::warn!(%error, "failed to prune the inbox");
