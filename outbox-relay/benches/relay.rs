@@ -44,24 +44,20 @@ async fn main() -> Result<()> {
     let raw = raw_publish(&broker, &exchange, events as usize).await?;
     purge(&broker, &queue).await?;
     let raw_rate = events as f64 / raw.as_secs_f64();
-    println!(
-        "raw lapin confirmed publish: {:>8.0} msg/s ({raw:.2?})",
-        raw_rate
-    );
+    println!("raw lapin confirmed publish: {raw_rate:>8.0} msg/s ({raw:.2?})");
 
     // The relay draining the same number of pending rows.
     insert_pending(&db, events).await?;
     let started = Instant::now();
-    let mut relay = spawn_relay(&db, &broker, &exchange, true);
+    let relay = spawn_relay(&db, &broker, &exchange, true);
     wait_drained(&db).await?;
     let drain = started.elapsed();
-    let peak_rss_kib = peak_rss_kib(relay.id());
-    stop(&mut relay);
+    let peak_rss_kib = peak_rss_kib(relay.0.id());
+    drop(relay);
     purge(&broker, &queue).await?;
     let relay_rate = events as f64 / drain.as_secs_f64();
     println!(
-        "outbox-relay drain:          {:>8.0} msg/s ({drain:.2?}, includes start-up)",
-        relay_rate
+        "outbox-relay drain:          {relay_rate:>8.0} msg/s ({drain:.2?}, includes start-up)"
     );
     println!(
         "drain ratio relay/raw:       {:>8.2}  (goal >= 0.80)",
@@ -77,11 +73,11 @@ async fn main() -> Result<()> {
     // Latency at half of the relay's saturation rate.
     let rate = (relay_rate / 2.0).min(2000.0);
     for listen in [true, false] {
-        let mut relay = spawn_relay(&db, &broker, &exchange, listen);
+        let relay = spawn_relay(&db, &broker, &exchange, listen);
         wait_drained(&db).await?;
         let (p50, p99, achieved) =
             latency(&db, &broker, &queue, rate, Duration::from_secs(10)).await?;
-        stop(&mut relay);
+        drop(relay);
         purge(&broker, &queue).await?;
         println!(
             "commit→consumer latency, {} at {achieved:.0} events/s: p50 {:.1} ms, p99 {:.1} ms{}",
@@ -229,8 +225,20 @@ async fn insert_pending(db: &TestDatabase, events: i64) -> Result<()> {
     Ok(())
 }
 
-fn spawn_relay(db: &TestDatabase, broker: &TestBroker, exchange: &str, listen: bool) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+/// A relay process, stopped with SIGTERM when dropped.
+struct RelayChild(Child);
+
+impl Drop for RelayChild {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_relay(db: &TestDatabase, broker: &TestBroker, exchange: &str, listen: bool) -> RelayChild {
+    let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .env("DATABASE_URL", &db.url)
         .env("AMQP_URL", &broker.url)
         .env("OUTBOX_RELAY_EXCHANGE", exchange)
@@ -240,14 +248,8 @@ fn spawn_relay(db: &TestDatabase, broker: &TestBroker, exchange: &str, listen: b
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
-        .expect("failed to start outbox-relay")
-}
-
-fn stop(relay: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status();
-    let _ = relay.wait();
+        .expect("failed to start outbox-relay");
+    RelayChild(child)
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
