@@ -10,7 +10,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::migrate::{Migration, Migrator};
-use sqlx::{Postgres, Transaction};
+use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 /// Content type of every payload this crate writes.
@@ -129,9 +129,43 @@ where
     .await
 }
 
+/// Like [`enqueue`], for code that holds the transaction as a connection
+/// (for example a helper shared by a request handler and an event handler).
+/// The caller must be inside a transaction that also holds the domain change.
+pub async fn enqueue_on<E>(
+    conn: &mut PgConnection,
+    aggregate: Aggregate<'_>,
+    event: &E,
+    context: &EventContext,
+) -> Result<OutboxRecord, OutboxError>
+where
+    E: prost::Message + prost::Name,
+{
+    insert(
+        conn,
+        aggregate,
+        &E::full_name(),
+        &event.encode_to_vec(),
+        PROTOBUF_CONTENT_TYPE,
+        context,
+    )
+    .await
+}
+
 /// Writes an already encoded payload to the outbox inside `tx`.
 pub async fn enqueue_raw(
     tx: &mut Transaction<'_, Postgres>,
+    aggregate: Aggregate<'_>,
+    event_type: &str,
+    payload: &[u8],
+    content_type: &str,
+    context: &EventContext,
+) -> Result<OutboxRecord, OutboxError> {
+    insert(tx, aggregate, event_type, payload, content_type, context).await
+}
+
+async fn insert(
+    conn: &mut PgConnection,
     aggregate: Aggregate<'_>,
     event_type: &str,
     payload: &[u8],
@@ -158,7 +192,7 @@ pub async fn enqueue_raw(
     .bind(context.correlation_id)
     .bind(context.causation_id)
     .bind(context.traceparent.as_deref())
-    .execute(&mut **tx)
+    .execute(conn)
     .await?;
     Ok(record)
 }

@@ -1,0 +1,183 @@
+//! The inventory's SQL. Functions that change state take the caller's
+//! transaction.
+
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+/// A product row with its stock.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ProductRow {
+    pub id: Uuid,
+    pub sku: String,
+    pub name: String,
+    pub price_minor: i64,
+    pub currency: String,
+    pub on_hand: i32,
+    pub reserved: i32,
+}
+
+const PRODUCT_COLUMNS: &str = "id, sku, name, price_minor, currency, on_hand, reserved";
+
+pub async fn insert_product(
+    tx: &mut Transaction<'_, Postgres>,
+    product: &ProductRow,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO products (id, sku, name, price_minor, currency, on_hand) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(product.id)
+    .bind(&product.sku)
+    .bind(&product.name)
+    .bind(product.price_minor)
+    .bind(&product.currency)
+    .bind(product.on_hand)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub async fn product(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<ProductRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn product_for_update(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+) -> sqlx::Result<Option<ProductRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+pub async fn list_products(
+    pool: &PgPool,
+    offset: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<ProductRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products ORDER BY sku OFFSET $1 LIMIT $2"
+    )))
+    .bind(offset)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn set_price(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+    price_minor: i64,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE products SET price_minor = $2 WHERE id = $1")
+        .bind(id)
+        .bind(price_minor)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub async fn restock(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+    quantity: i32,
+) -> sqlx::Result<Option<ProductRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE products SET on_hand = on_hand + $2 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
+    )))
+    .bind(id)
+    .bind(quantity)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// Locks the given products in id order (so concurrent reservations never
+/// deadlock) and returns them.
+pub async fn lock_products(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<Vec<ProductRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+    )))
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
+pub async fn is_cancelled(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM cancelled_orders WHERE order_id = $1)")
+        .bind(order_id)
+        .fetch_one(conn)
+        .await
+}
+
+pub async fn mark_cancelled(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO cancelled_orders (order_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(order_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn has_reservation(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM reservations WHERE order_id = $1)")
+        .bind(order_id)
+        .fetch_one(conn)
+        .await
+}
+
+pub async fn reserve(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    product_id: Uuid,
+    quantity: i32,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE products SET reserved = reserved + $2 WHERE id = $1")
+        .bind(product_id)
+        .bind(quantity)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO reservations (order_id, product_id, quantity, status) VALUES ($1, $2, $3, 'reserved')")
+        .bind(order_id)
+        .bind(product_id)
+        .bind(quantity)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Ends an order's open reservation: `released` gives the units back,
+/// `committed` takes them out of stock. Returns what was held.
+pub async fn close_reservation(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    status: &str,
+) -> sqlx::Result<Vec<(Uuid, i32)>> {
+    let held: Vec<(Uuid, i32)> = sqlx::query_as(
+        "UPDATE reservations SET status = $2 WHERE order_id = $1 AND status = 'reserved' \
+         RETURNING product_id, quantity",
+    )
+    .bind(order_id)
+    .bind(status)
+    .fetch_all(&mut *conn)
+    .await?;
+    let (ids, quantities): (Vec<Uuid>, Vec<i32>) = held.iter().copied().unzip();
+    let take_from_stock = status == "committed";
+    sqlx::query(
+        "UPDATE products p SET reserved = p.reserved - h.quantity, \
+             on_hand = p.on_hand - CASE WHEN $3 THEN h.quantity ELSE 0 END \
+         FROM unnest($1::uuid[], $2::int[]) AS h(product_id, quantity) \
+         WHERE p.id = h.product_id",
+    )
+    .bind(&ids)
+    .bind(&quantities)
+    .bind(take_from_stock)
+    .execute(conn)
+    .await?;
+    Ok(held)
+}

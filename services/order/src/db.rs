@@ -1,0 +1,265 @@
+//! The order service's SQL.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::domain::{Price, PricedLine};
+
+/// An order row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OrderRow {
+    pub id: Uuid,
+    pub customer_id: Uuid,
+    pub status: String,
+    pub cancel_reason: String,
+    pub total_minor: i64,
+    pub currency: String,
+    pub request_fingerprint: String,
+    pub placed_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An order with its lines and history.
+#[derive(Debug, Clone)]
+pub struct FullOrder {
+    pub order: OrderRow,
+    pub lines: Vec<PricedLine>,
+    pub history: Vec<(String, DateTime<Utc>, String)>,
+}
+
+const ORDER_COLUMNS: &str = "id, customer_id, status, cancel_reason, total_minor, currency, \
+     request_fingerprint, placed_at, updated_at";
+
+pub async fn upsert_product(
+    conn: &mut PgConnection,
+    id: Uuid,
+    sku: &str,
+    name: &str,
+    price: &Price,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO catalog (product_id, sku, name, price_minor, currency) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (product_id) DO UPDATE SET sku = $2, name = $3, price_minor = $4, currency = $5, updated_at = now()",
+    )
+    .bind(id)
+    .bind(sku)
+    .bind(name)
+    .bind(price.price_minor)
+    .bind(&price.currency)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Sets a known product's price; returns false if the product is unknown.
+pub async fn set_price(conn: &mut PgConnection, id: Uuid, price: &Price) -> sqlx::Result<bool> {
+    let result = sqlx::query("UPDATE catalog SET price_minor = $2, currency = $3, updated_at = now() WHERE product_id = $1")
+        .bind(id)
+        .bind(price.price_minor)
+        .bind(&price.currency)
+        .execute(conn)
+        .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+pub async fn add_customer(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO customers (customer_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn customer_known(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM customers WHERE customer_id = $1)")
+        .bind(id)
+        .fetch_one(conn)
+        .await
+}
+
+pub async fn prices(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, Price>> {
+    let rows: Vec<(Uuid, i64, String)> = sqlx::query_as(
+        "SELECT product_id, price_minor, currency FROM catalog WHERE product_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, price_minor, currency)| {
+            (
+                id,
+                Price {
+                    price_minor,
+                    currency,
+                },
+            )
+        })
+        .collect())
+}
+
+pub async fn find_by_key(
+    conn: &mut PgConnection,
+    customer_id: Uuid,
+    key: &str,
+) -> sqlx::Result<Option<OrderRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = $1 AND idempotency_key = $2"
+    )))
+    .bind(customer_id)
+    .bind(key)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn insert_order(
+    conn: &mut PgConnection,
+    order: &OrderRow,
+    key: &str,
+    lines: &[PricedLine],
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, status, total_minor, currency, idempotency_key, \
+                             request_fingerprint, placed_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+    )
+    .bind(order.id)
+    .bind(order.customer_id)
+    .bind(&order.status)
+    .bind(order.total_minor)
+    .bind(&order.currency)
+    .bind(key)
+    .bind(&order.request_fingerprint)
+    .bind(order.placed_at)
+    .execute(&mut *conn)
+    .await?;
+    let products: Vec<Uuid> = lines.iter().map(|l| l.0).collect();
+    let quantities: Vec<i32> = lines.iter().map(|l| l.1).collect();
+    let prices: Vec<i64> = lines.iter().map(|l| l.2).collect();
+    sqlx::query(
+        "INSERT INTO order_lines (order_id, line_no, product_id, quantity, unit_price_minor) \
+         SELECT $1, l.no, l.product_id, l.quantity, l.price \
+         FROM unnest($2::uuid[], $3::int[], $4::bigint[]) WITH ORDINALITY AS l(product_id, quantity, price, no)",
+    )
+    .bind(order.id)
+    .bind(&products)
+    .bind(&quantities)
+    .bind(&prices)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks an order for a status change.
+pub async fn lock_order(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OrderRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn set_status(
+    conn: &mut PgConnection,
+    id: Uuid,
+    status: &str,
+    cancel_reason: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE orders SET status = $2, cancel_reason = $3, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(cancel_reason)
+    .execute(&mut *conn)
+    .await?;
+    crate::watch::announce(conn, id).await
+}
+
+/// Adds a saga step to an order's history (once per message).
+pub async fn add_history(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    message_id: Uuid,
+    event_type: &str,
+    detail: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO order_history (order_id, message_id, event_type, occurred_at, detail) \
+         VALUES ($1, $2, $3, now(), $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(message_id)
+    .bind(event_type)
+    .bind(detail)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn load(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<FullOrder>> {
+    let order: Option<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    match order {
+        Some(order) => Ok(Some(complete(pool, order).await?)),
+        None => Ok(None),
+    }
+}
+
+pub async fn list_by_customer(
+    pool: &PgPool,
+    customer_id: Uuid,
+    offset: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<FullOrder>> {
+    let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = $1 \
+         ORDER BY placed_at DESC, id DESC OFFSET $2 LIMIT $3"
+    )))
+    .bind(customer_id)
+    .bind(offset)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let mut orders = Vec::with_capacity(rows.len());
+    for row in rows {
+        orders.push(complete(pool, row).await?);
+    }
+    Ok(orders)
+}
+
+/// An order's lines: (product, quantity, unit price).
+pub async fn load_lines(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Vec<PricedLine>> {
+    sqlx::query_as("SELECT product_id, quantity, unit_price_minor FROM order_lines WHERE order_id = $1 ORDER BY line_no")
+        .bind(order_id)
+        .fetch_all(conn)
+        .await
+}
+
+async fn complete(pool: &PgPool, order: OrderRow) -> sqlx::Result<FullOrder> {
+    let lines = sqlx::query_as(
+        "SELECT product_id, quantity, unit_price_minor FROM order_lines WHERE order_id = $1 ORDER BY line_no",
+    )
+    .bind(order.id)
+    .fetch_all(pool)
+    .await?;
+    let history = sqlx::query_as(
+        "SELECT event_type, occurred_at, detail FROM order_history WHERE order_id = $1 ORDER BY occurred_at, event_type",
+    )
+    .bind(order.id)
+    .fetch_all(pool)
+    .await?;
+    Ok(FullOrder {
+        order,
+        lines,
+        history,
+    })
+}

@@ -1,0 +1,336 @@
+//! What the order service learns from events: its catalog and customer
+//! replicas, the saga's verdicts on orders, and each order's history.
+
+use prost_types::Timestamp;
+use shop_outbox::{Aggregate, EventContext};
+use shop_proto::events::v1::{
+    CancelReason, InventoryCommitted, InventoryReleased, InventoryReservationFailed,
+    InventoryReserved, NotificationSent, OrderCancelled, OrderConfirmed, OrderLine, PaymentFailed,
+    PaymentSucceeded, ProductCreated, ProductPriceChanged, UserRegistered,
+};
+use shop_proto::types::v1::Money;
+use shop_subscriber::{
+    EventHandler, HandlerError, HandlerTx, Metadata, Subscriber, SubscriberSettings,
+};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::db;
+use crate::domain::{CANCELLED, CONFIRMED, PENDING, Price};
+
+/// The order service's subscriber on queue `order.events`.
+pub fn subscriber(settings: SubscriberSettings, pool: PgPool) -> Subscriber {
+    Subscriber::builder(crate::CONSUMER, "order.events", settings)
+        .on::<ProductCreated, _>(Catalog)
+        .on::<ProductPriceChanged, _>(Catalog)
+        .on::<UserRegistered, _>(Catalog)
+        .on::<PaymentSucceeded, _>(Saga)
+        .on::<PaymentFailed, _>(Saga)
+        .on::<InventoryReservationFailed, _>(Saga)
+        .on::<InventoryReserved, _>(Saga)
+        .on::<InventoryReleased, _>(Saga)
+        .on::<InventoryCommitted, _>(Saga)
+        .on::<NotificationSent, _>(Saga)
+        .build(pool)
+}
+
+fn uuid(field: &str, value: &str) -> Result<Uuid, HandlerError> {
+    Uuid::parse_str(value)
+        .map_err(|_| HandlerError::permanent(format!("{field} {value:?} is not a UUID")))
+}
+
+fn price(money: Option<Money>) -> Result<Price, HandlerError> {
+    let money = money.ok_or_else(|| HandlerError::permanent("the event has no price"))?;
+    Ok(Price {
+        price_minor: money.amount_minor,
+        currency: money.currency,
+    })
+}
+
+/// Keeps the local replicas of the catalog and of registered customers.
+#[derive(Debug, Clone, Copy)]
+pub struct Catalog;
+
+impl EventHandler<ProductCreated> for Catalog {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: ProductCreated,
+        _: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let id = uuid("product_id", &event.product_id)?;
+        db::upsert_product(tx, id, &event.sku, &event.name, &price(event.unit_price)?).await?;
+        Ok(())
+    }
+}
+
+impl EventHandler<ProductPriceChanged> for Catalog {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: ProductPriceChanged,
+        _: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let id = uuid("product_id", &event.product_id)?;
+        if !db::set_price(tx, id, &price(event.new_price)?).await? {
+            // The product's creation has not arrived yet; try again later.
+            return Err(HandlerError::transient(format!(
+                "product {id} is not in the catalog yet"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl EventHandler<UserRegistered> for Catalog {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: UserRegistered,
+        _: &Metadata,
+    ) -> Result<(), HandlerError> {
+        db::add_customer(tx, uuid("user_id", &event.user_id)?).await?;
+        Ok(())
+    }
+}
+
+/// Moves orders through the saga and records each step.
+#[derive(Debug, Clone, Copy)]
+pub struct Saga;
+
+/// Confirms a pending order: CONFIRMED, history, OrderConfirmed.
+/// Returns false if the order was no longer pending.
+pub async fn confirm(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    context: &EventContext,
+) -> Result<bool, HandlerError> {
+    let order = db::lock_order(conn, order_id)
+        .await?
+        .ok_or_else(|| HandlerError::transient(format!("order {order_id} is not known")))?;
+    if order.status != PENDING {
+        tracing::warn!(%order_id, status = %order.status, "payment for an order that is no longer pending");
+        return Ok(false);
+    }
+    db::set_status(conn, order_id, CONFIRMED, "").await?;
+    let full = db::load_lines(conn, order_id).await?;
+    let event = OrderConfirmed {
+        order_id: order_id.to_string(),
+        customer_id: order.customer_id.to_string(),
+        lines: full
+            .iter()
+            .map(|(product, quantity, unit)| OrderLine {
+                product_id: product.to_string(),
+                quantity: *quantity,
+                unit_price: Some(Money {
+                    amount_minor: *unit,
+                    currency: order.currency.clone(),
+                }),
+            })
+            .collect(),
+        total: Some(Money {
+            amount_minor: order.total_minor,
+            currency: order.currency.clone(),
+        }),
+        confirmed_at: Some(now()),
+    };
+    let record = emit(conn, order_id, &event, context).await?;
+    db::add_history(
+        conn,
+        order_id,
+        record,
+        "shop.events.v1.OrderConfirmed",
+        "order confirmed",
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Cancels a pending order: CANCELLED with a reason, history, OrderCancelled
+/// (which makes inventory release what it reserved). Returns false if the
+/// order was no longer pending.
+pub async fn cancel(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    reason: CancelReason,
+    detail: &str,
+    context: &EventContext,
+) -> Result<bool, HandlerError> {
+    let order = db::lock_order(conn, order_id)
+        .await?
+        .ok_or_else(|| HandlerError::transient(format!("order {order_id} is not known")))?;
+    if order.status != PENDING {
+        return Ok(false);
+    }
+    db::set_status(conn, order_id, CANCELLED, detail).await?;
+    let event = OrderCancelled {
+        order_id: order_id.to_string(),
+        customer_id: order.customer_id.to_string(),
+        reason: reason as i32,
+        detail: detail.to_owned(),
+        cancelled_at: Some(now()),
+    };
+    let record = emit(conn, order_id, &event, context).await?;
+    db::add_history(
+        conn,
+        order_id,
+        record,
+        "shop.events.v1.OrderCancelled",
+        &format!("order cancelled: {detail}"),
+    )
+    .await?;
+    Ok(true)
+}
+
+async fn emit<E: prost::Message + prost::Name>(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    event: &E,
+    context: &EventContext,
+) -> Result<Uuid, HandlerError> {
+    let key = order_id.to_string();
+    let record =
+        shop_outbox::enqueue_on(conn, Aggregate::new("order", &key), event, context).await?;
+    Ok(record.message_id)
+}
+
+/// Now as a protobuf timestamp.
+pub fn now() -> Timestamp {
+    let now = chrono::Utc::now();
+    Timestamp {
+        seconds: now.timestamp(),
+        nanos: now.timestamp_subsec_nanos() as i32,
+    }
+}
+
+async fn history(
+    tx: &mut HandlerTx,
+    order_id: &str,
+    meta: &Metadata,
+    detail: &str,
+) -> Result<Uuid, HandlerError> {
+    let order_id = uuid("order_id", order_id)?;
+    if db::lock_order(tx, order_id).await?.is_none() {
+        return Err(HandlerError::transient(format!(
+            "order {order_id} is not known"
+        )));
+    }
+    db::add_history(tx, order_id, meta.message_id, &meta.event_type, detail).await?;
+    Ok(order_id)
+}
+
+impl EventHandler<PaymentSucceeded> for Saga {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: PaymentSucceeded,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let order_id = history(tx, &event.order_id, meta, "payment succeeded").await?;
+        confirm(tx, order_id, &meta.event_context()).await?;
+        Ok(())
+    }
+}
+
+impl EventHandler<PaymentFailed> for Saga {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: PaymentFailed,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let detail = format!("payment declined: {}", event.reason);
+        let order_id = history(tx, &event.order_id, meta, &detail).await?;
+        cancel(
+            tx,
+            order_id,
+            CancelReason::PaymentDeclined,
+            &detail,
+            &meta.event_context(),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+impl EventHandler<InventoryReservationFailed> for Saga {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: InventoryReservationFailed,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let short: Vec<String> = event
+            .short_items
+            .iter()
+            .map(|item| {
+                format!(
+                    "product {} (requested {}, available {})",
+                    item.product_id, item.requested, item.available
+                )
+            })
+            .collect();
+        let detail = format!("out of stock: {}", short.join("; "));
+        let order_id = history(tx, &event.order_id, meta, &detail).await?;
+        cancel(
+            tx,
+            order_id,
+            CancelReason::OutOfStock,
+            &detail,
+            &meta.event_context(),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+impl EventHandler<InventoryReserved> for Saga {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: InventoryReserved,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        history(tx, &event.order_id, meta, "stock reserved")
+            .await
+            .map(drop)
+    }
+}
+
+impl EventHandler<InventoryReleased> for Saga {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: InventoryReleased,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        history(tx, &event.order_id, meta, "reserved stock released")
+            .await
+            .map(drop)
+    }
+}
+
+impl EventHandler<InventoryCommitted> for Saga {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: InventoryCommitted,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        history(tx, &event.order_id, meta, "stock committed")
+            .await
+            .map(drop)
+    }
+}
+
+impl EventHandler<NotificationSent> for Saga {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: NotificationSent,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let detail = format!("customer notified by {}", event.channel);
+        history(tx, &event.order_id, meta, &detail).await.map(drop)
+    }
+}

@@ -1,0 +1,349 @@
+//! The `OrderService` gRPC API.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use prost_types::Timestamp;
+use shop_outbox::{Aggregate, EventContext};
+use shop_proto::events::v1 as events;
+use shop_proto::order::v1::order_service_server::OrderService;
+use shop_proto::order::v1::*;
+use shop_proto::types::v1::Money;
+use shop_server::{ServiceError, validate};
+use shop_subscriber::HandlerError;
+use sqlx::PgPool;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::db::{self, FullOrder, OrderRow};
+use crate::domain::{self, CANCELLED, CONFIRMED, NewOrder, PENDING};
+use crate::watch::StatusChanges;
+
+/// The gRPC API over the order database.
+#[derive(Debug, Clone)]
+pub struct Orders {
+    pool: PgPool,
+    changes: StatusChanges,
+}
+
+impl Orders {
+    /// An API over `pool`, streaming status changes from `changes`.
+    pub fn new(pool: PgPool, changes: StatusChanges) -> Self {
+        Self { pool, changes }
+    }
+
+    async fn get(&self, id: Uuid) -> Result<FullOrder, ServiceError> {
+        db::load(&self.pool, id)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("order {id} does not exist")))
+    }
+}
+
+fn timestamp(at: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn status_of(status: &str) -> OrderStatus {
+    match status {
+        PENDING => OrderStatus::Pending,
+        CONFIRMED => OrderStatus::Confirmed,
+        CANCELLED => OrderStatus::Cancelled,
+        _ => OrderStatus::Unspecified,
+    }
+}
+
+/// The API view of an order.
+pub fn order_message(full: &FullOrder) -> Order {
+    let order = &full.order;
+    let money = |amount_minor| {
+        Some(Money {
+            amount_minor,
+            currency: order.currency.clone(),
+        })
+    };
+    Order {
+        order_id: order.id.to_string(),
+        customer_id: order.customer_id.to_string(),
+        lines: full
+            .lines
+            .iter()
+            .map(|(product, quantity, unit)| OrderLine {
+                product_id: product.to_string(),
+                quantity: *quantity,
+                unit_price: money(*unit),
+            })
+            .collect(),
+        total: money(order.total_minor),
+        status: status_of(&order.status) as i32,
+        cancel_reason: order.cancel_reason.clone(),
+        placed_at: Some(timestamp(order.placed_at)),
+        updated_at: Some(timestamp(order.updated_at)),
+        history: full
+            .history
+            .iter()
+            .map(|(event_type, at, detail)| OrderHistoryEntry {
+                event_type: event_type.clone(),
+                occurred_at: Some(timestamp(*at)),
+                detail: detail.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn handler_error(error: HandlerError) -> ServiceError {
+    ServiceError::Internal(match error {
+        HandlerError::Transient(error) | HandlerError::Permanent(error) => error,
+    })
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchOrderResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl OrderService for Orders {
+    #[tracing::instrument(skip_all, fields(customer_id = %request.get_ref().customer_id))]
+    async fn place_order(
+        &self,
+        request: Request<PlaceOrderRequest>,
+    ) -> Result<Response<PlaceOrderResponse>, Status> {
+        let new = NewOrder::parse(request.get_ref())?;
+        let fingerprint = new.fingerprint();
+        let mut tx = self.pool.begin().await.map_err(ServiceError::from)?;
+
+        if let Some(existing) = db::find_by_key(&mut tx, new.customer_id, &new.idempotency_key)
+            .await
+            .map_err(ServiceError::from)?
+        {
+            drop(tx);
+            return self.replay(existing, &fingerprint).await;
+        }
+        if !db::customer_known(&mut tx, new.customer_id)
+            .await
+            .map_err(ServiceError::from)?
+        {
+            return Err(ServiceError::NotFound(format!(
+                "customer {} is not registered (a new registration takes a moment to reach the order service)",
+                new.customer_id
+            ))
+            .into());
+        }
+        let products: Vec<Uuid> = new.lines.iter().map(|l| l.0).collect();
+        let catalog = db::prices(&mut tx, &products)
+            .await
+            .map_err(ServiceError::from)?;
+        let (lines, total, currency) = domain::price(&new.lines, &catalog)?;
+
+        let now = chrono::Utc::now();
+        let order = OrderRow {
+            id: Uuid::now_v7(),
+            customer_id: new.customer_id,
+            status: PENDING.to_owned(),
+            cancel_reason: String::new(),
+            total_minor: total,
+            currency: currency.clone(),
+            request_fingerprint: fingerprint.clone(),
+            placed_at: now,
+            updated_at: now,
+        };
+        if let Err(error) = db::insert_order(&mut tx, &order, &new.idempotency_key, &lines).await {
+            // A concurrent retry with the same key won the race.
+            if let ServiceError::AlreadyExists(_) = ServiceError::from(error) {
+                drop(tx);
+                let mut conn = self.pool.acquire().await.map_err(ServiceError::from)?;
+                if let Some(existing) =
+                    db::find_by_key(&mut conn, new.customer_id, &new.idempotency_key)
+                        .await
+                        .map_err(ServiceError::from)?
+                {
+                    return self.replay(existing, &fingerprint).await;
+                }
+            }
+            return Err(
+                ServiceError::Internal(anyhow::anyhow!("failed to store the order")).into(),
+            );
+        }
+        let event = events::OrderPlaced {
+            order_id: order.id.to_string(),
+            customer_id: order.customer_id.to_string(),
+            lines: lines
+                .iter()
+                .map(|(product, quantity, unit)| events::OrderLine {
+                    product_id: product.to_string(),
+                    quantity: *quantity,
+                    unit_price: Some(Money {
+                        amount_minor: *unit,
+                        currency: currency.clone(),
+                    }),
+                })
+                .collect(),
+            total: Some(Money {
+                amount_minor: total,
+                currency: currency.clone(),
+            }),
+            placed_at: Some(timestamp(now)),
+        };
+        let key = order.id.to_string();
+        let record = shop_outbox::enqueue(
+            &mut tx,
+            Aggregate::new("order", &key),
+            &event,
+            &EventContext::new_flow(order.id),
+        )
+        .await
+        .map_err(ServiceError::from)?;
+        db::add_history(
+            &mut tx,
+            order.id,
+            record.message_id,
+            "shop.events.v1.OrderPlaced",
+            "order placed",
+        )
+        .await
+        .map_err(ServiceError::from)?;
+        tx.commit().await.map_err(ServiceError::from)?;
+        tracing::info!(order_id = %order.id, total, "order placed");
+        let full = self.get(order.id).await?;
+        Ok(Response::new(PlaceOrderResponse {
+            order: Some(order_message(&full)),
+        }))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<GetOrderResponse>, Status> {
+        let id = validate::uuid("order_id", &request.get_ref().order_id)?;
+        let full = self.get(id).await?;
+        Ok(Response::new(GetOrderResponse {
+            order: Some(order_message(&full)),
+        }))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<ListOrdersRequest>,
+    ) -> Result<Response<ListOrdersResponse>, Status> {
+        let request = request.into_inner();
+        let customer = validate::uuid("customer_id", &request.customer_id)?;
+        let limit = validate::page_size("page_size", request.page_size, 20, 100)?;
+        let offset = validate::page_token("page_token", &request.page_token)?;
+        let orders = db::list_by_customer(&self.pool, customer, offset, limit)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(ListOrdersResponse {
+            next_page_token: validate::next_page_token(offset, limit, orders.len()),
+            orders: orders.iter().map(order_message).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id))]
+    async fn cancel_order(
+        &self,
+        request: Request<CancelOrderRequest>,
+    ) -> Result<Response<CancelOrderResponse>, Status> {
+        let id = validate::uuid("order_id", &request.get_ref().order_id)?;
+        let mut tx = self.pool.begin().await.map_err(ServiceError::from)?;
+        let order = db::lock_order(&mut tx, id)
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::NotFound(format!("order {id} does not exist")))?;
+        if order.status != PENDING {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "order {id} is {} and can no longer be cancelled",
+                order.status
+            ))
+            .into());
+        }
+        crate::events::cancel(
+            &mut tx,
+            id,
+            events::CancelReason::CustomerRequest,
+            "cancelled by the customer",
+            &EventContext::new_flow(id),
+        )
+        .await
+        .map_err(handler_error)?;
+        tx.commit().await.map_err(ServiceError::from)?;
+        let full = self.get(id).await?;
+        Ok(Response::new(CancelOrderResponse {
+            order: Some(order_message(&full)),
+        }))
+    }
+
+    type WatchOrderStream = WatchStream;
+
+    async fn watch_order(
+        &self,
+        request: Request<WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        let id = validate::uuid("order_id", &request.get_ref().order_id)?;
+        let mut changes = self.changes.subscribe();
+        let first = self.get(id).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(8);
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut last = first.order.status.clone();
+            let mut current = first;
+            loop {
+                let terminal = current.order.status != PENDING;
+                let message = WatchOrderResponse {
+                    order: Some(order_message(&current)),
+                };
+                if sender.send(Ok(message)).await.is_err() || terminal {
+                    return;
+                }
+                // Wait for this order's next status change.
+                loop {
+                    tokio::select! {
+                        changed = changes.recv() => match changed {
+                            Ok(changed) if changed != id => continue,
+                            _ => {}
+                        },
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = sender.closed() => return,
+                    }
+                    match db::load(&pool, id).await {
+                        Ok(Some(full)) if full.order.status != last => {
+                            last = full.order.status.clone();
+                            current = full;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::error!(%error, "failed to read a watched order");
+                            let _ = sender.send(Err(Status::internal("internal error"))).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+}
+
+impl Orders {
+    /// Answers a retried PlaceOrder: the same order if the request matches
+    /// the first one, an error if the key was used for something else.
+    async fn replay(
+        &self,
+        existing: OrderRow,
+        fingerprint: &str,
+    ) -> Result<Response<PlaceOrderResponse>, Status> {
+        if existing.request_fingerprint != fingerprint {
+            return Err(ServiceError::AlreadyExists(
+                "idempotency_key was already used for a different order".into(),
+            )
+            .into());
+        }
+        let full = self.get(existing.id).await?;
+        Ok(Response::new(PlaceOrderResponse {
+            order: Some(order_message(&full)),
+        }))
+    }
+}

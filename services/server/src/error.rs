@@ -1,0 +1,118 @@
+//! Service errors and their one mapping to `tonic::Status`.
+//!
+//! Invalid input becomes `INVALID_ARGUMENT` with a `google.rpc.BadRequest`
+//! naming the field. Database and other internal errors are logged in full
+//! and reach the client only as "internal error"; unique and foreign-key
+//! violations become `ALREADY_EXISTS` and `NOT_FOUND`.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// SQLSTATE of a unique constraint violation.
+pub const UNIQUE_VIOLATION: &str = "23505";
+/// SQLSTATE of a foreign key violation.
+pub const FOREIGN_KEY_VIOLATION: &str = "23503";
+
+/// Why a request was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A field of the request is wrong.
+    #[error("invalid {field}: {description}")]
+    InvalidArgument {
+        /// Field path, for example `lines[0].quantity`.
+        field: String,
+        /// What is wrong with it.
+        description: String,
+    },
+    /// The thing asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The thing to create exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is valid but not in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Anything else; never shown to clients.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ServiceError {
+    /// An invalid field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ServiceError {
+    fn from(error: sqlx::Error) -> Self {
+        if let Some(db) = error.as_database_error() {
+            match db.code().as_deref() {
+                Some(UNIQUE_VIOLATION) => {
+                    return Self::AlreadyExists("the resource already exists".into());
+                }
+                Some(FOREIGN_KEY_VIOLATION) => {
+                    return Self::NotFound("a referenced resource does not exist".into());
+                }
+                _ => {}
+            }
+        }
+        Self::Internal(error.into())
+    }
+}
+
+impl From<shop_outbox::OutboxError> for ServiceError {
+    fn from(error: shop_outbox::OutboxError) -> Self {
+        Self::Internal(error.into())
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        match error {
+            ServiceError::InvalidArgument { field, description } => Status::with_error_details(
+                Code::InvalidArgument,
+                format!("invalid {field}: {description}"),
+                ErrorDetails::with_bad_request_violation(field, description),
+            ),
+            ServiceError::NotFound(message) => Status::not_found(message),
+            ServiceError::AlreadyExists(message) => Status::already_exists(message),
+            ServiceError::FailedPrecondition(message) => Status::failed_precondition(message),
+            ServiceError::Internal(error) => {
+                tracing::error!(error = format!("{error:#}"), "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_names_the_field_in_bad_request_details() {
+        let status = Status::from(ServiceError::invalid(
+            "lines[0].quantity",
+            "must be at least 1",
+        ));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        let violation = &details.bad_request().unwrap().field_violations[0];
+        assert_eq!(violation.field, "lines[0].quantity");
+        assert_eq!(violation.description, "must be at least 1");
+    }
+
+    #[test]
+    fn internal_errors_do_not_leak_their_text() {
+        let status = Status::from(ServiceError::Internal(anyhow::anyhow!(
+            "relation \"orders\" does not exist at character 15"
+        )));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+}

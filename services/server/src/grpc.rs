@@ -1,0 +1,97 @@
+//! Serving a service's gRPC API with the standard health service and server
+//! reflection (so `grpcurl list` works).
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+
+/// Binds the gRPC listener (port 0 picks a free port).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to bind the gRPC server to {addr}"))
+}
+
+/// Serves `routes` plus health and reflection on `listener` until
+/// `shutdown`. Health reports SERVING for `service_names` (and the whole
+/// server, named "") until shutdown begins, then NOT_SERVING while
+/// in-flight calls finish.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    service_names: &[&str],
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let names: Vec<String> = service_names
+        .iter()
+        .map(|name| (*name).to_owned())
+        .chain([String::new()])
+        .collect();
+    for name in &names {
+        reporter
+            .set_service_status(name.as_str(), ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("failed to build the reflection service")?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("failed to build the reflection service")?;
+    let routes = routes
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha);
+
+    let stopping = async move {
+        shutdown.cancelled().await;
+        for name in &names {
+            reporter
+                .set_service_status(name.as_str(), ServingStatus::NotServing)
+                .await;
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            stopping,
+        )
+        .await
+        .context("gRPC server failed")
+}
+
+/// Runs a service: its gRPC API (with health and reflection) and, if it has
+/// one, its event subscriber, until `shutdown`. If either stops with an
+/// error, the other is stopped too.
+pub async fn run_service(
+    listener: TcpListener,
+    routes: Routes,
+    service_names: &[&str],
+    subscriber: Option<shop_subscriber::Subscriber>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let stop_all = shutdown.child_token();
+    let consuming = {
+        let stop = stop_all.clone();
+        tokio::spawn(async move {
+            match subscriber {
+                Some(subscriber) => subscriber.run_until_stopped(stop).await,
+                None => Ok(()),
+            }
+        })
+    };
+    let served = serve(listener, routes, service_names, stop_all.clone()).await;
+    stop_all.cancel();
+    let consumed = consuming.await.context("subscriber task failed")?;
+    served.and(consumed)
+}

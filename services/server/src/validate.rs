@@ -1,0 +1,122 @@
+//! Checks of request fields; each error names the field.
+
+use uuid::Uuid;
+
+use crate::ServiceError;
+
+/// Parses a UUID field.
+pub fn uuid(field: &str, value: &str) -> Result<Uuid, ServiceError> {
+    if value.is_empty() {
+        return Err(ServiceError::invalid(field, "is required"));
+    }
+    Uuid::parse_str(value).map_err(|_| ServiceError::invalid(field, "must be a UUID"))
+}
+
+/// A required text of at most `max` characters, trimmed.
+pub fn text(field: &str, value: &str, max: usize) -> Result<String, ServiceError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(ServiceError::invalid(field, "is required"));
+    }
+    if trimmed.chars().count() > max {
+        return Err(ServiceError::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// An ISO 4217 alphabetic currency code.
+pub fn currency(field: &str, value: &str) -> Result<String, ServiceError> {
+    if value.len() == 3 && value.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(value.to_owned())
+    } else {
+        Err(ServiceError::invalid(
+            field,
+            "must be an ISO 4217 code such as EUR",
+        ))
+    }
+}
+
+/// Money present, with a valid currency and a non-negative amount.
+pub fn money(
+    field: &str,
+    value: Option<&shop_proto::types::v1::Money>,
+) -> Result<(i64, String), ServiceError> {
+    let money = value.ok_or_else(|| ServiceError::invalid(field, "is required"))?;
+    if money.amount_minor < 0 {
+        return Err(ServiceError::invalid(
+            format!("{field}.amount_minor"),
+            "must not be negative",
+        ));
+    }
+    let currency = currency(&format!("{field}.currency"), &money.currency)?;
+    Ok((money.amount_minor, currency))
+}
+
+/// A page size: 0 means `default`; otherwise 1 to `max`.
+pub fn page_size(field: &str, value: i32, default: i64, max: i64) -> Result<i64, ServiceError> {
+    match value {
+        0 => Ok(default),
+        n if n < 0 || n as i64 > max => Err(ServiceError::invalid(
+            field,
+            format!("must be between 1 and {max}"),
+        )),
+        n => Ok(n as i64),
+    }
+}
+
+/// A page token: empty for the first page, else an offset this service
+/// issued.
+pub fn page_token(field: &str, value: &str) -> Result<i64, ServiceError> {
+    if value.is_empty() {
+        return Ok(0);
+    }
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|offset| *offset >= 0)
+        .ok_or_else(|| ServiceError::invalid(field, "is not a token from a previous response"))
+}
+
+/// The token of the page after one of `returned` rows at `offset`.
+pub fn next_page_token(offset: i64, page_size: i64, returned: usize) -> String {
+    if (returned as i64) < page_size {
+        String::new()
+    } else {
+        (offset + page_size).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_what_is_not_a_uuid() {
+        assert!(
+            matches!(uuid("order_id", "nope"), Err(ServiceError::InvalidArgument { field, .. }) if field == "order_id")
+        );
+        assert!(uuid("order_id", "").is_err());
+        assert!(uuid("order_id", "67e55044-10b1-426f-9247-bb680e5fe0c8").is_ok());
+    }
+
+    #[test]
+    fn currencies_are_three_upper_case_letters() {
+        assert!(currency("c", "EUR").is_ok());
+        assert!(currency("c", "eur").is_err());
+        assert!(currency("c", "EURO").is_err());
+    }
+
+    #[test]
+    fn page_sizes_and_tokens() {
+        assert_eq!(page_size("page_size", 0, 20, 100).unwrap(), 20);
+        assert!(page_size("page_size", 101, 20, 100).is_err());
+        assert!(page_size("page_size", -1, 20, 100).is_err());
+        assert_eq!(page_token("page_token", "").unwrap(), 0);
+        assert!(page_token("page_token", "x").is_err());
+        assert_eq!(next_page_token(0, 2, 2), "2");
+        assert_eq!(next_page_token(0, 2, 1), "");
+    }
+}
