@@ -1,0 +1,13 @@
+//! `notification-service`: parse the configuration, start logging, run.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = notification_service::Settings::parse();
+    shop_server::telemetry::init(settings.log_json);
+    let app = notification_service::Application::build(settings).await?;
+    tracing::info!(addr = %app.addr(), "notification-service listening");
+    app.run_until_stopped(shop_server::shutdown::on_signal())
+        .await
+}

@@ -1,0 +1,84 @@
+//! The payment service: charges an order once its stock is reserved.
+//!
+//! - [`provider`]: the payment-provider port and the built-in simulated
+//!   provider;
+//! - [`events`]: InventoryReserved → charge → PaymentSucceeded or
+//!   PaymentFailed, at most once per order;
+//! - [`grpc`]: the read-only `PaymentService` API.
+
+pub mod events;
+pub mod grpc;
+pub mod provider;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use clap::Parser;
+use shop_proto::payment::v1::payment_service_server::{PaymentServiceServer, SERVICE_NAME};
+use shop_subscriber::{Subscriber, SubscriberSettings};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Name of this service's consumer (inbox key) and the prefix of its queues.
+pub const CONSUMER: &str = "payment";
+
+/// Migrations of this service's database: outbox, inbox, then its own.
+pub fn migrator() -> sqlx::migrate::Migrator {
+    static OWN: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/payment");
+    shop_outbox::migrator([&shop_outbox::MIGRATOR, &shop_subscriber::inbox::MIGRATOR, &OWN])
+}
+
+/// Configuration of the payment service.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "payment-service", version, about = "Charges orders once their stock is reserved.")]
+pub struct Settings {
+    /// Address the gRPC API listens on.
+    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50053")]
+    pub grpc_addr: SocketAddr,
+    /// This service's PostgreSQL database.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/payment", hide_env_values = true)]
+    pub database_url: String,
+    /// The simulated provider declines charges above this amount (minor units).
+    #[arg(long, env = "PAYMENT_DECLINE_ABOVE_MINOR", default_value_t = 100_000)]
+    pub decline_above_minor: i64,
+    /// Log as JSON lines.
+    #[arg(long, env = "LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+    #[command(flatten)]
+    pub subscriber: SubscriberSettings,
+}
+
+/// The service, bound and connected, ready to run.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    pool: PgPool,
+    subscriber: Subscriber,
+}
+
+impl Application {
+    /// Binds the gRPC address, connects to and migrates the database, and
+    /// declares the subscriber's queues.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let listener = shop_server::grpc::bind(settings.grpc_addr).await?;
+        let addr = listener.local_addr()?;
+        let pool = shop_server::database::connect_and_migrate(&settings.database_url, &migrator()).await?;
+        let provider = Arc::new(provider::SimulatedProvider::new(settings.decline_above_minor));
+        let subscriber = events::subscriber(settings.subscriber, pool.clone(), provider);
+        subscriber.declare().await?;
+        Ok(Self { listener, addr, pool, subscriber })
+    }
+
+    /// The bound gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let api = PaymentServiceServer::new(grpc::Payments::new(self.pool));
+        shop_server::grpc::run_service(self.listener, tonic::service::Routes::new(api), &[SERVICE_NAME], Some(self.subscriber), shutdown).await
+    }
+}

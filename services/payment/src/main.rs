@@ -1,0 +1,13 @@
+//! `payment-service`: parse the configuration, start logging, run.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = payment_service::Settings::parse();
+    shop_server::telemetry::init(settings.log_json);
+    let app = payment_service::Application::build(settings).await?;
+    tracing::info!(addr = %app.addr(), "payment-service listening");
+    app.run_until_stopped(shop_server::shutdown::on_signal())
+        .await
+}
