@@ -5,14 +5,20 @@ use std::sync::Arc;
 
 use shop_outbox::Aggregate;
 use shop_proto::events::v1::{NotificationSent, OrderCancelled, OrderConfirmed};
-use shop_subscriber::{EventHandler, HandlerError, HandlerTx, Metadata, Subscriber, SubscriberSettings};
+use shop_subscriber::{
+    EventHandler, HandlerError, HandlerTx, Metadata, Subscriber, SubscriberSettings,
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::channel::NotificationChannel;
 
 /// The notification service's subscriber on queue `notification.events`.
-pub fn subscriber(settings: SubscriberSettings, pool: PgPool, channel: Arc<dyn NotificationChannel>) -> Subscriber {
+pub fn subscriber(
+    settings: SubscriberSettings,
+    pool: PgPool,
+    channel: Arc<dyn NotificationChannel>,
+) -> Subscriber {
     let notifier = Notifier { channel };
     Subscriber::builder(crate::CONSUMER, "notification.events", settings)
         .on::<OrderConfirmed, _>(notifier.clone())
@@ -36,8 +42,10 @@ impl Notifier {
         kind: &str,
         body: String,
     ) -> Result<(), HandlerError> {
-        let order = Uuid::parse_str(order_id).map_err(|_| HandlerError::permanent("order_id is not a UUID"))?;
-        let customer = Uuid::parse_str(customer_id).map_err(|_| HandlerError::permanent("customer_id is not a UUID"))?;
+        let order = Uuid::parse_str(order_id)
+            .map_err(|_| HandlerError::permanent("order_id is not a UUID"))?;
+        let customer = Uuid::parse_str(customer_id)
+            .map_err(|_| HandlerError::permanent("customer_id is not a UUID"))?;
         let id = Uuid::now_v7();
         let inserted = sqlx::query(
             "INSERT INTO notifications (id, order_id, customer_id, kind, channel, body) \
@@ -55,7 +63,9 @@ impl Notifier {
         if inserted == 0 {
             return Ok(());
         }
-        self.channel.send(customer, &body).map_err(HandlerError::Transient)?;
+        self.channel
+            .send(customer, &body)
+            .map_err(HandlerError::Transient)?;
         let event = NotificationSent {
             notification_id: id.to_string(),
             order_id: order_id.to_owned(),
@@ -64,27 +74,73 @@ impl Notifier {
             body,
         };
         let key = id.to_string();
-        shop_outbox::enqueue(tx, Aggregate::new("notification", &key), &event, &meta.event_context()).await?;
+        shop_outbox::enqueue(
+            tx,
+            Aggregate::new("notification", &key),
+            &event,
+            &meta.event_context(),
+        )
+        .await?;
         Ok(())
     }
 }
 
 fn amount(money: Option<&shop_proto::types::v1::Money>) -> String {
     money
-        .map(|m| format!("{}.{:02} {}", m.amount_minor / 100, m.amount_minor % 100, m.currency))
+        .map(|m| {
+            format!(
+                "{}.{:02} {}",
+                m.amount_minor / 100,
+                m.amount_minor % 100,
+                m.currency
+            )
+        })
         .unwrap_or_default()
 }
 
 impl EventHandler<OrderConfirmed> for Notifier {
-    async fn handle(&self, tx: &mut HandlerTx, event: OrderConfirmed, meta: &Metadata) -> Result<(), HandlerError> {
-        let body = format!("Your order {} is confirmed. You paid {}.", event.order_id, amount(event.total.as_ref()));
-        self.notify(tx, meta, &event.order_id, &event.customer_id, "confirmed", body).await
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: OrderConfirmed,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let body = format!(
+            "Your order {} is confirmed. You paid {}.",
+            event.order_id,
+            amount(event.total.as_ref())
+        );
+        self.notify(
+            tx,
+            meta,
+            &event.order_id,
+            &event.customer_id,
+            "confirmed",
+            body,
+        )
+        .await
     }
 }
 
 impl EventHandler<OrderCancelled> for Notifier {
-    async fn handle(&self, tx: &mut HandlerTx, event: OrderCancelled, meta: &Metadata) -> Result<(), HandlerError> {
-        let body = format!("Your order {} was cancelled: {}.", event.order_id, event.detail);
-        self.notify(tx, meta, &event.order_id, &event.customer_id, "cancelled", body).await
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: OrderCancelled,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let body = format!(
+            "Your order {} was cancelled: {}.",
+            event.order_id, event.detail
+        );
+        self.notify(
+            tx,
+            meta,
+            &event.order_id,
+            &event.customer_id,
+            "cancelled",
+            body,
+        )
+        .await
     }
 }

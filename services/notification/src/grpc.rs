@@ -32,9 +32,18 @@ impl NotificationService for Notifications {
     ) -> Result<Response<ListNotificationsResponse>, Status> {
         let request = request.into_inner();
         let (column, id) = match (request.customer_id.is_empty(), request.order_id.is_empty()) {
-            (false, true) => ("customer_id", validate::uuid("customer_id", &request.customer_id)?),
+            (false, true) => (
+                "customer_id",
+                validate::uuid("customer_id", &request.customer_id)?,
+            ),
             (true, false) => ("order_id", validate::uuid("order_id", &request.order_id)?),
-            _ => return Err(ServiceError::invalid("customer_id", "set exactly one of customer_id and order_id").into()),
+            _ => {
+                return Err(ServiceError::invalid(
+                    "customer_id",
+                    "set exactly one of customer_id and order_id",
+                )
+                .into());
+            }
         };
         let limit = validate::page_size("page_size", request.page_size, 20, 100)?;
         let offset = validate::page_token("page_token", &request.page_token)?;
@@ -53,14 +62,19 @@ impl NotificationService for Notifications {
             next_page_token: validate::next_page_token(offset, limit, rows.len()),
             notifications: rows
                 .into_iter()
-                .map(|(id, order_id, customer_id, channel, body, sent_at)| Notification {
-                    notification_id: id.to_string(),
-                    order_id: order_id.to_string(),
-                    customer_id: customer_id.to_string(),
-                    channel,
-                    body,
-                    sent_at: Some(Timestamp { seconds: sent_at.timestamp(), nanos: sent_at.timestamp_subsec_nanos() as i32 }),
-                })
+                .map(
+                    |(id, order_id, customer_id, channel, body, sent_at)| Notification {
+                        notification_id: id.to_string(),
+                        order_id: order_id.to_string(),
+                        customer_id: customer_id.to_string(),
+                        channel,
+                        body,
+                        sent_at: Some(Timestamp {
+                            seconds: sent_at.timestamp(),
+                            nanos: sent_at.timestamp_subsec_nanos() as i32,
+                        }),
+                    },
+                )
                 .collect(),
         }))
     }

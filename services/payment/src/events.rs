@@ -9,14 +9,20 @@ use std::sync::Arc;
 
 use shop_outbox::Aggregate;
 use shop_proto::events::v1::{InventoryReserved, PaymentFailed, PaymentSucceeded};
-use shop_subscriber::{EventHandler, HandlerError, HandlerTx, Metadata, Subscriber, SubscriberSettings};
+use shop_subscriber::{
+    EventHandler, HandlerError, HandlerTx, Metadata, Subscriber, SubscriberSettings,
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::provider::{Charge, PaymentProvider};
 
 /// The payment service's subscriber on queue `payment.events`.
-pub fn subscriber(settings: SubscriberSettings, pool: PgPool, provider: Arc<dyn PaymentProvider>) -> Subscriber {
+pub fn subscriber(
+    settings: SubscriberSettings,
+    pool: PgPool,
+    provider: Arc<dyn PaymentProvider>,
+) -> Subscriber {
     Subscriber::builder(crate::CONSUMER, "payment.events", settings)
         .on::<InventoryReserved, _>(Charger { provider })
         .build(pool)
@@ -29,21 +35,32 @@ pub struct Charger {
 }
 
 impl EventHandler<InventoryReserved> for Charger {
-    async fn handle(&self, tx: &mut HandlerTx, event: InventoryReserved, meta: &Metadata) -> Result<(), HandlerError> {
-        let order_id = Uuid::parse_str(&event.order_id).map_err(|_| HandlerError::permanent("order_id is not a UUID"))?;
-        let customer_id =
-            Uuid::parse_str(&event.customer_id).map_err(|_| HandlerError::permanent("customer_id is not a UUID"))?;
-        let total = event.total.ok_or_else(|| HandlerError::permanent("InventoryReserved has no total"))?;
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM payments WHERE order_id = $1)")
-            .bind(order_id)
-            .fetch_one(&mut **tx)
-            .await?;
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: InventoryReserved,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let order_id = Uuid::parse_str(&event.order_id)
+            .map_err(|_| HandlerError::permanent("order_id is not a UUID"))?;
+        let customer_id = Uuid::parse_str(&event.customer_id)
+            .map_err(|_| HandlerError::permanent("customer_id is not a UUID"))?;
+        let total = event
+            .total
+            .ok_or_else(|| HandlerError::permanent("InventoryReserved has no total"))?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM payments WHERE order_id = $1)")
+                .bind(order_id)
+                .fetch_one(&mut **tx)
+                .await?;
         if exists {
             tracing::info!(%order_id, "order already charged");
             return Ok(());
         }
         let payment_id = Uuid::now_v7();
-        let outcome = self.provider.charge(order_id, total.amount_minor, &total.currency);
+        let outcome = self
+            .provider
+            .charge(order_id, total.amount_minor, &total.currency);
         let (status, reason) = match &outcome {
             Charge::Approved => ("SUCCEEDED", String::new()),
             Charge::Declined(reason) => ("FAILED", reason.clone()),

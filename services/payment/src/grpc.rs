@@ -27,7 +27,10 @@ type PaymentRow = (Uuid, Uuid, Uuid, i64, String, String, String, DateTime<Utc>)
 
 #[tonic::async_trait]
 impl PaymentService for Payments {
-    async fn get_payment(&self, request: Request<GetPaymentRequest>) -> Result<Response<GetPaymentResponse>, Status> {
+    async fn get_payment(
+        &self,
+        request: Request<GetPaymentRequest>,
+    ) -> Result<Response<GetPaymentResponse>, Status> {
         let order_id = validate::uuid("order_id", &request.get_ref().order_id)?;
         let row: Option<PaymentRow> = sqlx::query_as(
             "SELECT id, order_id, customer_id, amount_minor, currency, status, failure_reason, processed_at \
@@ -37,7 +40,16 @@ impl PaymentService for Payments {
         .fetch_optional(&self.pool)
         .await
         .map_err(ServiceError::from)?;
-        let (id, order_id, customer_id, amount_minor, currency, status, failure_reason, processed_at) =
+        let (
+            id,
+            order_id,
+            customer_id,
+            amount_minor,
+            currency,
+            status,
+            failure_reason,
+            processed_at,
+        ) =
             row.ok_or_else(|| ServiceError::NotFound(format!("no payment for order {order_id}")))?;
         let status = match status.as_str() {
             "SUCCEEDED" => PaymentStatus::Succeeded,
@@ -49,7 +61,10 @@ impl PaymentService for Payments {
                 payment_id: id.to_string(),
                 order_id: order_id.to_string(),
                 customer_id: customer_id.to_string(),
-                amount: Some(Money { amount_minor, currency }),
+                amount: Some(Money {
+                    amount_minor,
+                    currency,
+                }),
                 status: status as i32,
                 failure_reason,
                 processed_at: Some(Timestamp {

@@ -26,18 +26,31 @@ pub const CONSUMER: &str = "payment";
 /// Migrations of this service's database: outbox, inbox, then its own.
 pub fn migrator() -> sqlx::migrate::Migrator {
     static OWN: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/payment");
-    shop_outbox::migrator([&shop_outbox::MIGRATOR, &shop_subscriber::inbox::MIGRATOR, &OWN])
+    shop_outbox::migrator([
+        &shop_outbox::MIGRATOR,
+        &shop_subscriber::inbox::MIGRATOR,
+        &OWN,
+    ])
 }
 
 /// Configuration of the payment service.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "payment-service", version, about = "Charges orders once their stock is reserved.")]
+#[command(
+    name = "payment-service",
+    version,
+    about = "Charges orders once their stock is reserved."
+)]
 pub struct Settings {
     /// Address the gRPC API listens on.
     #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50053")]
     pub grpc_addr: SocketAddr,
     /// This service's PostgreSQL database.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/payment", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/payment",
+        hide_env_values = true
+    )]
     pub database_url: String,
     /// The simulated provider declines charges above this amount (minor units).
     #[arg(long, env = "PAYMENT_DECLINE_ABOVE_MINOR", default_value_t = 100_000)]
@@ -64,11 +77,19 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let listener = shop_server::grpc::bind(settings.grpc_addr).await?;
         let addr = listener.local_addr()?;
-        let pool = shop_server::database::connect_and_migrate(&settings.database_url, &migrator()).await?;
-        let provider = Arc::new(provider::SimulatedProvider::new(settings.decline_above_minor));
+        let pool =
+            shop_server::database::connect_and_migrate(&settings.database_url, &migrator()).await?;
+        let provider = Arc::new(provider::SimulatedProvider::new(
+            settings.decline_above_minor,
+        ));
         let subscriber = events::subscriber(settings.subscriber, pool.clone(), provider);
         subscriber.declare().await?;
-        Ok(Self { listener, addr, pool, subscriber })
+        Ok(Self {
+            listener,
+            addr,
+            pool,
+            subscriber,
+        })
     }
 
     /// The bound gRPC address.
@@ -79,6 +100,13 @@ impl Application {
     /// Serves until `shutdown`.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let api = PaymentServiceServer::new(grpc::Payments::new(self.pool));
-        shop_server::grpc::run_service(self.listener, tonic::service::Routes::new(api), &[SERVICE_NAME], Some(self.subscriber), shutdown).await
+        shop_server::grpc::run_service(
+            self.listener,
+            tonic::service::Routes::new(api),
+            &[SERVICE_NAME],
+            Some(self.subscriber),
+            shutdown,
+        )
+        .await
     }
 }

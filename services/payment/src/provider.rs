@@ -29,7 +29,9 @@ pub struct SimulatedProvider {
 impl SimulatedProvider {
     /// Declines amounts above `decline_above_minor`.
     pub fn new(decline_above_minor: i64) -> Self {
-        Self { decline_above_minor }
+        Self {
+            decline_above_minor,
+        }
     }
 }
 
@@ -54,6 +56,9 @@ mod tests {
     fn declines_only_above_the_limit() {
         let provider = SimulatedProvider::new(1000);
         assert_eq!(provider.charge(Uuid::nil(), 1000, "EUR"), Charge::Approved);
-        assert!(matches!(provider.charge(Uuid::nil(), 1001, "EUR"), Charge::Declined(_)));
+        assert!(matches!(
+            provider.charge(Uuid::nil(), 1001, "EUR"),
+            Charge::Declined(_)
+        ));
     }
 }

@@ -23,6 +23,10 @@ pub struct SubscriberSettings {
     #[arg(long, env = "EVENTS_EXCHANGE", default_value = "shop.events")]
     pub exchange: String,
 
+    /// Prefix of every queue name, to run several systems on one broker.
+    #[arg(long, env = "SUBSCRIBER_QUEUE_PREFIX", default_value = "")]
+    pub queue_prefix: String,
+
     /// Kind of the work and dead-letter queues.
     #[arg(long, env = "SUBSCRIBER_QUEUE_KIND", value_enum, default_value_t = QueueKind::Quorum)]
     pub queue_kind: QueueKind,

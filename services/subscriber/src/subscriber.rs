@@ -138,7 +138,7 @@ impl SubscriberBuilder {
         routing_keys.sort();
         let topology = Topology {
             exchange: self.settings.exchange.clone(),
-            queue: self.queue,
+            queue: format!("{}{}", self.settings.queue_prefix, self.queue),
             routing_keys,
             kind: self.settings.queue_kind,
             max_attempts: self.settings.max_attempts,

@@ -1,7 +1,9 @@
 //! OrderConfirmed → a purchase in the customer's history.
 
 use shop_proto::events::v1::OrderConfirmed;
-use shop_subscriber::{EventHandler, HandlerError, HandlerTx, Metadata, Subscriber, SubscriberSettings};
+use shop_subscriber::{
+    EventHandler, HandlerError, HandlerTx, Metadata, Subscriber, SubscriberSettings,
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -17,9 +19,16 @@ pub fn subscriber(settings: SubscriberSettings, pool: PgPool) -> Subscriber {
 pub struct PurchaseHistory;
 
 impl EventHandler<OrderConfirmed> for PurchaseHistory {
-    async fn handle(&self, tx: &mut HandlerTx, event: OrderConfirmed, _: &Metadata) -> Result<(), HandlerError> {
-        let order_id = Uuid::parse_str(&event.order_id).map_err(|_| HandlerError::permanent("order_id is not a UUID"))?;
-        let user_id = Uuid::parse_str(&event.customer_id).map_err(|_| HandlerError::permanent("customer_id is not a UUID"))?;
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: OrderConfirmed,
+        _: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let order_id = Uuid::parse_str(&event.order_id)
+            .map_err(|_| HandlerError::permanent("order_id is not a UUID"))?;
+        let user_id = Uuid::parse_str(&event.customer_id)
+            .map_err(|_| HandlerError::permanent("customer_id is not a UUID"))?;
         let total = event.total.unwrap_or_default();
         let items: i32 = event.lines.iter().map(|line| line.quantity).sum();
         let confirmed_at = event

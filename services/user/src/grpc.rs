@@ -26,7 +26,10 @@ impl Users {
 }
 
 fn timestamp(at: DateTime<Utc>) -> Timestamp {
-    Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
+    Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
 }
 
 /// Checks an e-mail address and returns it in lower case: one `@`, a
@@ -49,45 +52,72 @@ pub fn email(field: &str, value: &str) -> Result<String, ServiceError> {
     if valid {
         Ok(value)
     } else {
-        Err(ServiceError::invalid(field, "must be an e-mail address such as ada@example.com"))
+        Err(ServiceError::invalid(
+            field,
+            "must be an e-mail address such as ada@example.com",
+        ))
     }
 }
 
 #[tonic::async_trait]
 impl UserService for Users {
     #[tracing::instrument(skip_all)]
-    async fn register_user(&self, request: Request<RegisterUserRequest>) -> Result<Response<RegisterUserResponse>, Status> {
+    async fn register_user(
+        &self,
+        request: Request<RegisterUserRequest>,
+    ) -> Result<Response<RegisterUserResponse>, Status> {
         let request = request.into_inner();
         let name = validate::text("name", &request.name, 200)?;
         let email = email("email", &request.email)?;
         let id = Uuid::now_v7();
         let mut tx = self.pool.begin().await.map_err(ServiceError::from)?;
-        let inserted: Result<DateTime<Utc>, sqlx::Error> =
-            sqlx::query_scalar("INSERT INTO users (id, name, email) VALUES ($1, $2, $3) RETURNING registered_at")
-                .bind(id)
-                .bind(&name)
-                .bind(&email)
-                .fetch_one(&mut *tx)
-                .await;
+        let inserted: Result<DateTime<Utc>, sqlx::Error> = sqlx::query_scalar(
+            "INSERT INTO users (id, name, email) VALUES ($1, $2, $3) RETURNING registered_at",
+        )
+        .bind(id)
+        .bind(&name)
+        .bind(&email)
+        .fetch_one(&mut *tx)
+        .await;
         let registered_at = match inserted.map_err(ServiceError::from) {
             Ok(at) => at,
             Err(ServiceError::AlreadyExists(_)) => {
-                return Err(ServiceError::AlreadyExists(format!("a user with e-mail {email} exists")).into());
+                return Err(ServiceError::AlreadyExists(format!(
+                    "a user with e-mail {email} exists"
+                ))
+                .into());
             }
             Err(other) => return Err(other.into()),
         };
-        let event = UserRegistered { user_id: id.to_string(), name: name.clone(), email: email.clone() };
+        let event = UserRegistered {
+            user_id: id.to_string(),
+            name: name.clone(),
+            email: email.clone(),
+        };
         let key = id.to_string();
-        shop_outbox::enqueue(&mut tx, Aggregate::new("user", &key), &event, &EventContext::new_flow(id))
-            .await
-            .map_err(ServiceError::from)?;
+        shop_outbox::enqueue(
+            &mut tx,
+            Aggregate::new("user", &key),
+            &event,
+            &EventContext::new_flow(id),
+        )
+        .await
+        .map_err(ServiceError::from)?;
         tx.commit().await.map_err(ServiceError::from)?;
         Ok(Response::new(RegisterUserResponse {
-            user: Some(User { user_id: key, name, email, registered_at: Some(timestamp(registered_at)) }),
+            user: Some(User {
+                user_id: key,
+                name,
+                email,
+                registered_at: Some(timestamp(registered_at)),
+            }),
         }))
     }
 
-    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
+    async fn get_user(
+        &self,
+        request: Request<GetUserRequest>,
+    ) -> Result<Response<GetUserResponse>, Status> {
         let id = validate::uuid("user_id", &request.get_ref().user_id)?;
         let row: Option<(String, String, DateTime<Utc>)> =
             sqlx::query_as("SELECT name, email, registered_at FROM users WHERE id = $1")
@@ -95,9 +125,15 @@ impl UserService for Users {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(ServiceError::from)?;
-        let (name, email, registered_at) = row.ok_or_else(|| ServiceError::NotFound(format!("user {id} does not exist")))?;
+        let (name, email, registered_at) =
+            row.ok_or_else(|| ServiceError::NotFound(format!("user {id} does not exist")))?;
         Ok(Response::new(GetUserResponse {
-            user: Some(User { user_id: id.to_string(), name, email, registered_at: Some(timestamp(registered_at)) }),
+            user: Some(User {
+                user_id: id.to_string(),
+                name,
+                email,
+                registered_at: Some(timestamp(registered_at)),
+            }),
         }))
     }
 
@@ -131,12 +167,17 @@ impl UserService for Users {
             next_page_token: validate::next_page_token(offset, limit, rows.len()),
             purchases: rows
                 .into_iter()
-                .map(|(order_id, amount_minor, currency, item_count, confirmed_at)| Purchase {
-                    order_id: order_id.to_string(),
-                    total: Some(Money { amount_minor, currency }),
-                    item_count,
-                    confirmed_at: Some(timestamp(confirmed_at)),
-                })
+                .map(
+                    |(order_id, amount_minor, currency, item_count, confirmed_at)| Purchase {
+                        order_id: order_id.to_string(),
+                        total: Some(Money {
+                            amount_minor,
+                            currency,
+                        }),
+                        item_count,
+                        confirmed_at: Some(timestamp(confirmed_at)),
+                    },
+                )
                 .collect(),
         }))
     }
@@ -148,8 +189,19 @@ mod tests {
 
     #[test]
     fn e_mail_addresses_are_checked_and_lower_cased() {
-        assert_eq!(email("email", " Ada@Example.COM ").unwrap(), "ada@example.com");
-        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a da@example.com", "a@b@c.com"] {
+        assert_eq!(
+            email("email", " Ada@Example.COM ").unwrap(),
+            "ada@example.com"
+        );
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a da@example.com",
+            "a@b@c.com",
+        ] {
             assert!(email("email", bad).is_err(), "{bad} accepted");
         }
     }

@@ -21,18 +21,31 @@ pub const CONSUMER: &str = "user";
 /// Migrations of this service's database: outbox, inbox, then its own.
 pub fn migrator() -> sqlx::migrate::Migrator {
     static OWN: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/user");
-    shop_outbox::migrator([&shop_outbox::MIGRATOR, &shop_subscriber::inbox::MIGRATOR, &OWN])
+    shop_outbox::migrator([
+        &shop_outbox::MIGRATOR,
+        &shop_subscriber::inbox::MIGRATOR,
+        &OWN,
+    ])
 }
 
 /// Configuration of the user service.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "user-service", version, about = "Registers customers and keeps their purchase history.")]
+#[command(
+    name = "user-service",
+    version,
+    about = "Registers customers and keeps their purchase history."
+)]
 pub struct Settings {
     /// Address the gRPC API listens on.
     #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50055")]
     pub grpc_addr: SocketAddr,
     /// This service's PostgreSQL database.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/user", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/user",
+        hide_env_values = true
+    )]
     pub database_url: String,
     /// Log as JSON lines.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
@@ -56,10 +69,16 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let listener = shop_server::grpc::bind(settings.grpc_addr).await?;
         let addr = listener.local_addr()?;
-        let pool = shop_server::database::connect_and_migrate(&settings.database_url, &migrator()).await?;
+        let pool =
+            shop_server::database::connect_and_migrate(&settings.database_url, &migrator()).await?;
         let subscriber = events::subscriber(settings.subscriber, pool.clone());
         subscriber.declare().await?;
-        Ok(Self { listener, addr, pool, subscriber })
+        Ok(Self {
+            listener,
+            addr,
+            pool,
+            subscriber,
+        })
     }
 
     /// The bound gRPC address.
@@ -70,6 +89,13 @@ impl Application {
     /// Serves until `shutdown`.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let api = UserServiceServer::new(grpc::Users::new(self.pool));
-        shop_server::grpc::run_service(self.listener, tonic::service::Routes::new(api), &[SERVICE_NAME], Some(self.subscriber), shutdown).await
+        shop_server::grpc::run_service(
+            self.listener,
+            tonic::service::Routes::new(api),
+            &[SERVICE_NAME],
+            Some(self.subscriber),
+            shutdown,
+        )
+        .await
     }
 }

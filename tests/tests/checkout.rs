@@ -1,0 +1,526 @@
+//! The checkout end to end: five services, their relays, real PostgreSQL and
+//! RabbitMQ. Each test runs its own copy of the whole system.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use shop_proto::inventory::v1::{CreateProductRequest, GetStockRequest, Stock};
+use shop_proto::notification::v1::ListNotificationsRequest;
+use shop_proto::order::v1::{
+    CancelOrderRequest, GetOrderRequest, Order, OrderStatus, PlaceOrderLine, PlaceOrderRequest,
+    WatchOrderRequest,
+};
+use shop_proto::payment::v1::{GetPaymentRequest, PaymentStatus};
+use shop_proto::types::v1::Money;
+use shop_proto::user::v1::{GetPurchaseHistoryRequest, RegisterUserRequest};
+use shop_tests::eventually;
+use support::{Options, System};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn eur(amount_minor: i64) -> Option<Money> {
+    Some(Money {
+        amount_minor,
+        currency: "EUR".into(),
+    })
+}
+
+async fn register(system: &System, email: &str) -> Result<String> {
+    let user = system
+        .user
+        .clone()
+        .register_user(RegisterUserRequest {
+            name: "Ada Lovelace".into(),
+            email: email.into(),
+        })
+        .await?
+        .into_inner()
+        .user
+        .unwrap();
+    Ok(user.user_id)
+}
+
+async fn product(system: &System, sku: &str, price: i64, stock: i32) -> Result<String> {
+    let created = system
+        .inventory
+        .clone()
+        .create_product(CreateProductRequest {
+            sku: sku.into(),
+            name: sku.into(),
+            unit_price: eur(price),
+            initial_stock: stock,
+        })
+        .await?
+        .into_inner();
+    Ok(created.product.unwrap().product_id)
+}
+
+fn request(customer: &str, lines: &[(&str, i32)], key: &str) -> PlaceOrderRequest {
+    PlaceOrderRequest {
+        customer_id: customer.into(),
+        lines: lines
+            .iter()
+            .map(|(product, quantity)| PlaceOrderLine {
+                product_id: (*product).into(),
+                quantity: *quantity,
+            })
+            .collect(),
+        idempotency_key: key.into(),
+    }
+}
+
+/// Places an order, waiting until the order service has learned the
+/// customer and the products from their events.
+async fn place(system: &System, request: PlaceOrderRequest) -> Result<Order> {
+    eventually(TIMEOUT, "the order service to accept the order", || {
+        let mut client = system.order.clone();
+        let request = request.clone();
+        async move {
+            match client.place_order(request).await {
+                Ok(response) => Ok(response.into_inner().order),
+                Err(status) if status.code() == Code::NotFound => Ok(None),
+                Err(status) => Err(status.into()),
+            }
+        }
+    })
+    .await
+}
+
+async fn wait_for(system: &System, order_id: &str, status: OrderStatus) -> Result<Order> {
+    eventually(
+        TIMEOUT,
+        &format!("order {order_id} to be {status:?}"),
+        || {
+            let mut client = system.order.clone();
+            let order_id = order_id.to_owned();
+            async move {
+                let order = client
+                    .get_order(GetOrderRequest { order_id })
+                    .await?
+                    .into_inner()
+                    .order
+                    .unwrap();
+                Ok((order.status() == status).then_some(order))
+            }
+        },
+    )
+    .await
+}
+
+async fn stock(system: &System, product_id: &str) -> Result<Stock> {
+    Ok(system
+        .inventory
+        .clone()
+        .get_stock(GetStockRequest {
+            product_id: product_id.into(),
+        })
+        .await?
+        .into_inner()
+        .stock
+        .unwrap())
+}
+
+async fn wait_for_stock(
+    system: &System,
+    product_id: &str,
+    on_hand: i32,
+    reserved: i32,
+) -> Result<Stock> {
+    eventually(TIMEOUT, "stock levels", || async {
+        let stock = stock(system, product_id).await?;
+        Ok((stock.on_hand == on_hand && stock.reserved == reserved).then_some(stock))
+    })
+    .await
+}
+
+async fn notifications_for(system: &System, order_id: &str) -> Result<Vec<String>> {
+    eventually(TIMEOUT, "a notification", || {
+        let mut client = system.notification.clone();
+        let order_id = order_id.to_owned();
+        async move {
+            let list = client
+                .list_notifications(ListNotificationsRequest {
+                    order_id,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .notifications;
+            Ok((!list.is_empty()).then(|| list.into_iter().map(|n| n.body).collect()))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_paid_order_is_confirmed_watched_live_committed_notified_and_in_the_purchase_history()
+-> Result<()> {
+    let system = System::start().await?;
+    let customer = register(&system, "ada@example.com").await?;
+    let mug = product(&system, "MUG", 1250, 10).await?;
+
+    let order = place(&system, request(&customer, &[(&mug, 2)], "checkout-1")).await?;
+    assert_eq!(order.total, eur(2500));
+    let mut watch = system
+        .order
+        .clone()
+        .watch_order(WatchOrderRequest {
+            order_id: order.order_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(update) = tokio::time::timeout(TIMEOUT, watch.message()).await?? {
+        seen.push(update.order.unwrap().status());
+    }
+    assert_eq!(seen.first(), Some(&OrderStatus::Pending), "{seen:?}");
+    assert_eq!(seen.last(), Some(&OrderStatus::Confirmed), "{seen:?}");
+
+    wait_for_stock(&system, &mug, 8, 0).await?;
+    let payment = system
+        .payment
+        .clone()
+        .get_payment(GetPaymentRequest {
+            order_id: order.order_id.clone(),
+        })
+        .await?
+        .into_inner()
+        .payment
+        .unwrap();
+    assert_eq!(payment.status(), PaymentStatus::Succeeded);
+    assert_eq!(payment.amount, eur(2500));
+    let notes = notifications_for(&system, &order.order_id).await?;
+    assert!(notes[0].contains("is confirmed"), "{notes:?}");
+    let history = eventually(TIMEOUT, "the purchase history", || {
+        let mut client = system.user.clone();
+        let user_id = customer.clone();
+        async move {
+            let purchases = client
+                .get_purchase_history(GetPurchaseHistoryRequest {
+                    user_id,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .purchases;
+            Ok((!purchases.is_empty()).then_some(purchases))
+        }
+    })
+    .await?;
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].order_id, order.order_id);
+    assert_eq!(history[0].item_count, 2);
+    assert_eq!(history[0].total, eur(2500));
+
+    let steps = eventually(TIMEOUT, "the saga history", || async {
+        let order = system
+            .order
+            .clone()
+            .get_order(GetOrderRequest {
+                order_id: order.order_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .order
+            .unwrap();
+        let steps: Vec<String> = order.history.iter().map(|h| h.event_type.clone()).collect();
+        Ok((steps.len() >= 6).then_some(steps))
+    })
+    .await?;
+    for expected in [
+        "OrderPlaced",
+        "InventoryReserved",
+        "PaymentSucceeded",
+        "OrderConfirmed",
+        "InventoryCommitted",
+        "NotificationSent",
+    ] {
+        assert!(
+            steps.iter().any(|s| s.ends_with(expected)),
+            "{expected} missing from {steps:?}"
+        );
+    }
+    system.stop().await
+}
+
+#[tokio::test]
+async fn a_declined_payment_cancels_the_order_releases_the_stock_and_tells_the_customer()
+-> Result<()> {
+    let system = System::start().await?;
+    let customer = register(&system, "big@example.com").await?;
+    let tv = product(&system, "TV", support::DECLINE_ABOVE, 5).await?;
+
+    let order = place(&system, request(&customer, &[(&tv, 2)], "big-1")).await?;
+    let cancelled = wait_for(&system, &order.order_id, OrderStatus::Cancelled).await?;
+    assert!(
+        cancelled.cancel_reason.contains("payment declined"),
+        "{}",
+        cancelled.cancel_reason
+    );
+    wait_for_stock(&system, &tv, 5, 0).await?;
+    let notes = notifications_for(&system, &order.order_id).await?;
+    assert!(notes[0].contains("was cancelled"), "{notes:?}");
+    system.stop().await
+}
+
+#[tokio::test]
+async fn an_order_for_more_than_the_stock_is_cancelled_naming_the_short_item() -> Result<()> {
+    let system = System::start().await?;
+    let customer = register(&system, "many@example.com").await?;
+    let pen = product(&system, "PEN", 100, 50).await?;
+    let lamp = product(&system, "LAMP", 3000, 2).await?;
+
+    let order = place(
+        &system,
+        request(&customer, &[(&pen, 1), (&lamp, 3)], "short-1"),
+    )
+    .await?;
+    let cancelled = wait_for(&system, &order.order_id, OrderStatus::Cancelled).await?;
+    assert!(
+        cancelled.cancel_reason.contains("out of stock"),
+        "{}",
+        cancelled.cancel_reason
+    );
+    assert!(
+        cancelled.cancel_reason.contains(&lamp),
+        "the short item is named: {}",
+        cancelled.cancel_reason
+    );
+    assert!(
+        !cancelled.cancel_reason.contains(&pen),
+        "{}",
+        cancelled.cancel_reason
+    );
+    // Nothing was reserved, not even the line that was available.
+    assert_eq!(stock(&system, &pen).await?.reserved, 0);
+    assert_eq!(stock(&system, &lamp).await?.available, 2);
+    notifications_for(&system, &order.order_id).await?;
+    system.stop().await
+}
+
+#[tokio::test]
+async fn a_customer_cancelling_a_pending_order_gets_the_reservation_released() -> Result<()> {
+    // Without the payment service the order waits, reserved, for payment.
+    let system = System::start_with(Options {
+        without_payment: true,
+    })
+    .await?;
+    let customer = register(&system, "undecided@example.com").await?;
+    let chair = product(&system, "CHAIR", 5000, 4).await?;
+
+    let order = place(&system, request(&customer, &[(&chair, 3)], "cancel-1")).await?;
+    wait_for_stock(&system, &chair, 4, 3).await?;
+    let cancelled = system
+        .order
+        .clone()
+        .cancel_order(CancelOrderRequest {
+            order_id: order.order_id.clone(),
+        })
+        .await?
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(cancelled.status(), OrderStatus::Cancelled);
+    wait_for_stock(&system, &chair, 4, 0).await?;
+
+    let again = system
+        .order
+        .clone()
+        .cancel_order(CancelOrderRequest {
+            order_id: order.order_id.clone(),
+        })
+        .await;
+    assert_eq!(again.unwrap_err().code(), Code::FailedPrecondition);
+    system.stop().await
+}
+
+#[tokio::test]
+async fn placing_the_same_order_twice_with_one_key_makes_one_order_and_moves_stock_once()
+-> Result<()> {
+    let system = System::start().await?;
+    let customer = register(&system, "retry@example.com").await?;
+    let book = product(&system, "BOOK", 900, 10).await?;
+
+    let first = place(&system, request(&customer, &[(&book, 1)], "same-key")).await?;
+    let second = place(&system, request(&customer, &[(&book, 1)], "same-key")).await?;
+    assert_eq!(first.order_id, second.order_id);
+    wait_for(&system, &first.order_id, OrderStatus::Confirmed).await?;
+    wait_for_stock(&system, &book, 9, 0).await?;
+
+    let other_body = system
+        .order
+        .clone()
+        .place_order(request(&customer, &[(&book, 2)], "same-key"))
+        .await;
+    assert_eq!(other_body.unwrap_err().code(), Code::AlreadyExists);
+    let placed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE event_type = 'shop.events.v1.OrderPlaced'",
+    )
+    .fetch_one(&system.order_db.pool)
+    .await?;
+    assert_eq!(placed, 1, "one OrderPlaced event");
+    assert_eq!(stock(&system, &book).await?.on_hand, 9);
+    system.stop().await
+}
+
+#[tokio::test]
+async fn fifty_concurrent_orders_for_ten_units_confirm_exactly_ten() -> Result<()> {
+    let system = System::start().await?;
+    let customer = register(&system, "rush@example.com").await?;
+    let console = product(&system, "CONSOLE", 30000, 10).await?;
+    // Wait until orders are accepted at all, then fire the rest at once.
+    let first = place(&system, request(&customer, &[(&console, 1)], "rush-0")).await?;
+
+    let mut placing = Vec::new();
+    for n in 1..50 {
+        let mut client = system.order.clone();
+        let request = request(&customer, &[(&console, 1)], &format!("rush-{n}"));
+        placing.push(tokio::spawn(
+            async move { client.place_order(request).await },
+        ));
+    }
+    let mut ids = vec![first.order_id];
+    for task in placing {
+        ids.push(task.await??.into_inner().order.unwrap().order_id);
+    }
+    let mut confirmed = 0;
+    for id in &ids {
+        let order = eventually(TIMEOUT, "a final status", || {
+            let mut client = system.order.clone();
+            let order_id = id.clone();
+            async move {
+                let order = client
+                    .get_order(GetOrderRequest { order_id })
+                    .await?
+                    .into_inner()
+                    .order
+                    .unwrap();
+                Ok((order.status() != OrderStatus::Pending).then_some(order))
+            }
+        })
+        .await?;
+        if order.status() == OrderStatus::Confirmed {
+            confirmed += 1;
+        } else {
+            assert!(
+                order.cancel_reason.contains("out of stock"),
+                "{}",
+                order.cancel_reason
+            );
+        }
+    }
+    assert_eq!(confirmed, 10);
+    let stock = wait_for_stock(&system, &console, 0, 0).await?;
+    assert_eq!(stock.available, 0);
+    system.stop().await
+}
+
+#[tokio::test]
+async fn bad_requests_are_rejected_naming_the_field_and_write_nothing() -> Result<()> {
+    let system = System::start().await?;
+    let customer = register(&system, "careful@example.com").await?;
+    let mut order = system.order.clone();
+
+    let status = order
+        .place_order(request(&customer, &[("not-a-uuid", 1)], "bad-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violations = status
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .clone();
+    assert_eq!(violations[0].field, "lines[0].product_id");
+
+    let status = order
+        .place_order(request(&customer, &[], "bad-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "lines"
+    );
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let status = order
+        .get_order(GetOrderRequest { order_id: unknown })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    let status = system
+        .user
+        .clone()
+        .register_user(RegisterUserRequest {
+            name: "X".into(),
+            email: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "email"
+    );
+    let status = system
+        .user
+        .clone()
+        .register_user(RegisterUserRequest {
+            name: "Ada".into(),
+            email: "careful@example.com".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+
+    let status = system
+        .inventory
+        .clone()
+        .create_product(CreateProductRequest {
+            sku: "has space".into(),
+            name: "x".into(),
+            unit_price: eur(1),
+            initial_stock: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "sku"
+    );
+
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&system.order_db.pool)
+        .await?;
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&system.order_db.pool)
+        .await?;
+    assert_eq!((orders, events), (0, 0), "rejected requests wrote nothing");
+    let products: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+        .fetch_one(&system.inventory_db.pool)
+        .await?;
+    assert_eq!(products, 0);
+    system.stop().await
+}

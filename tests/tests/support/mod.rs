@@ -1,0 +1,174 @@
+//! The whole checkout for one test: five services, each with its own
+//! database and its own relay, on a test exchange and test queue names.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+use outbox_relay::{Relay, RelaySettings};
+use shop_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use shop_proto::notification::v1::notification_service_client::NotificationServiceClient;
+use shop_proto::order::v1::order_service_client::OrderServiceClient;
+use shop_proto::payment::v1::payment_service_client::PaymentServiceClient;
+use shop_proto::user::v1::user_service_client::UserServiceClient;
+use shop_subscriber::SubscriberSettings;
+use shop_tests::{TestBroker, TestDatabase};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Orders above this amount (minor units) are declined by payment.
+pub const DECLINE_ABOVE: i64 = 100_000;
+
+pub struct System {
+    pub order: OrderServiceClient<Channel>,
+    pub inventory: InventoryServiceClient<Channel>,
+    pub payment: PaymentServiceClient<Channel>,
+    pub notification: NotificationServiceClient<Channel>,
+    pub user: UserServiceClient<Channel>,
+    pub order_db: TestDatabase,
+    pub inventory_db: TestDatabase,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+    _dbs: Vec<TestDatabase>,
+    _broker: TestBroker,
+}
+
+/// Which services to leave out, to hold the saga at a step.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Options {
+    pub without_payment: bool,
+}
+
+impl System {
+    pub async fn start() -> Result<Self> {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Result<Self> {
+        let broker = TestBroker::new().await;
+        let exchange = broker.name("events");
+        let prefix = broker.name("q");
+        let mut subscriber = SubscriberSettings::new(&broker.url);
+        subscriber.exchange = exchange.clone();
+        subscriber.queue_prefix = format!("{prefix}.");
+        subscriber.retry_backoff = Duration::from_millis(100);
+        subscriber.max_retry_backoff = Duration::from_secs(1);
+        subscriber.max_attempts = 10;
+        for service in ["order", "inventory", "payment", "notification", "user"] {
+            let queue = format!("{prefix}.{service}.events");
+            broker.track(&queue);
+            broker.track(&format!("{queue}.dlq"));
+            for n in 1..subscriber.max_attempts {
+                broker.track(&format!("{queue}.retry.{n}"));
+            }
+        }
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let any: SocketAddr = "127.0.0.1:0".parse()?;
+
+        let order_db = TestDatabase::create(&order_service::migrator()).await?;
+        let inventory_db = TestDatabase::create(&inventory_service::migrator()).await?;
+        let payment_db = TestDatabase::create(&payment_service::migrator()).await?;
+        let notification_db = TestDatabase::create(&notification_service::migrator()).await?;
+        let user_db = TestDatabase::create(&user_service::migrator()).await?;
+
+        for db in [
+            &order_db,
+            &inventory_db,
+            &payment_db,
+            &notification_db,
+            &user_db,
+        ] {
+            let mut settings = RelaySettings::new(&db.url, &broker.url);
+            settings.exchange = exchange.clone();
+            settings.health_addr = any;
+            settings.retry_backoff = Duration::from_millis(100);
+            settings.max_retry_backoff = Duration::from_secs(1);
+            settings.max_attempts = 50;
+            let relay = Relay::build(settings).await?;
+            tasks.push(tokio::spawn(relay.run_until_stopped(shutdown.clone())));
+        }
+
+        let app = user_service::Application::build(user_service::Settings {
+            grpc_addr: any,
+            database_url: user_db.url.clone(),
+            log_json: false,
+            subscriber: subscriber.clone(),
+        })
+        .await?;
+        let user_addr = app.addr();
+        tasks.push(tokio::spawn(app.run_until_stopped(shutdown.clone())));
+
+        let app = inventory_service::Application::build(inventory_service::Settings {
+            grpc_addr: any,
+            database_url: inventory_db.url.clone(),
+            log_json: false,
+            subscriber: subscriber.clone(),
+        })
+        .await?;
+        let inventory_addr = app.addr();
+        tasks.push(tokio::spawn(app.run_until_stopped(shutdown.clone())));
+
+        let app = order_service::Application::build(order_service::Settings {
+            grpc_addr: any,
+            database_url: order_db.url.clone(),
+            log_json: false,
+            subscriber: subscriber.clone(),
+        })
+        .await?;
+        let order_addr = app.addr();
+        tasks.push(tokio::spawn(app.run_until_stopped(shutdown.clone())));
+
+        let payment = payment_service::Application::build(payment_service::Settings {
+            grpc_addr: any,
+            database_url: payment_db.url.clone(),
+            decline_above_minor: DECLINE_ABOVE,
+            log_json: false,
+            subscriber: subscriber.clone(),
+        })
+        .await?;
+        let payment_addr = payment.addr();
+        if !options.without_payment {
+            tasks.push(tokio::spawn(payment.run_until_stopped(shutdown.clone())));
+        }
+
+        let app = notification_service::Application::build(notification_service::Settings {
+            grpc_addr: any,
+            database_url: notification_db.url.clone(),
+            log_json: false,
+            subscriber,
+        })
+        .await?;
+        let notification_addr = app.addr();
+        tasks.push(tokio::spawn(app.run_until_stopped(shutdown.clone())));
+
+        let channel = |addr: SocketAddr| {
+            Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_lazy()
+        };
+        Ok(Self {
+            order: OrderServiceClient::new(channel(order_addr)),
+            inventory: InventoryServiceClient::new(channel(inventory_addr)),
+            payment: PaymentServiceClient::new(channel(payment_addr)),
+            notification: NotificationServiceClient::new(channel(notification_addr)),
+            user: UserServiceClient::new(channel(user_addr)),
+            order_db,
+            inventory_db,
+            shutdown,
+            tasks,
+            _dbs: vec![payment_db, notification_db, user_db],
+            _broker: broker,
+        })
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+}
