@@ -54,6 +54,7 @@ impl Leases {
         .fetch_one(&mut *conn)
         .await?;
         let target = fair_share(self.partition_count, live);
+        let before = self.owned.len();
 
         while self.owned.len() > target {
             let partition = *self.owned.iter().next_back().expect("owned is not empty");
@@ -63,7 +64,7 @@ impl Leases {
                 .execute(&mut *conn)
                 .await?;
             self.owned.remove(&partition);
-            tracing::info!(partition, "released partition");
+            tracing::debug!(partition, "released partition");
         }
 
         if self.owned.len() < target {
@@ -84,9 +85,16 @@ impl Leases {
                     .await?;
                 if acquired {
                     self.owned.insert(partition);
-                    tracing::info!(partition, "acquired partition");
+                    tracing::debug!(partition, "acquired partition");
                 }
             }
+        }
+        if self.owned.len() != before {
+            tracing::info!(
+                live,
+                partitions = self.owned.len(),
+                "partition share changed"
+            );
         }
         metrics::gauge!(crate::metrics::PARTITIONS_OWNED).set(self.owned.len() as f64);
         Ok(())

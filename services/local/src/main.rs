@@ -1,0 +1,149 @@
+//! `shop-local`: the whole checkout in one process, against the PostgreSQL
+//! and RabbitMQ of this machine. Creates the five service databases if they
+//! are missing, migrates them, starts the five services and one outbox relay
+//! per database, prints the addresses, and runs until ctrl-c or SIGTERM.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use outbox_relay::{Relay, RelaySettings};
+use shop_subscriber::SubscriberSettings;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+
+/// Runs the checkout locally: five services and their relays.
+#[derive(Debug, Parser)]
+#[command(name = "shop-local", version)]
+struct Cli {
+    /// PostgreSQL server; the service databases are created next to this one.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    database_url: String,
+    /// Address the order service listens on; the others take the next ports
+    /// (inventory, payment, notification, user) and the relays' health
+    /// endpoints take the ports from +20.
+    #[arg(long, env = "SHOP_FIRST_ADDR", default_value = "127.0.0.1:50051")]
+    first_addr: SocketAddr,
+    /// The simulated payment provider declines amounts above this (minor units).
+    #[arg(long, env = "PAYMENT_DECLINE_ABOVE_MINOR", default_value_t = 100_000)]
+    decline_above_minor: i64,
+    #[command(flatten)]
+    subscriber: SubscriberSettings,
+}
+
+const SERVICES: [&str; 5] = ["order", "inventory", "payment", "notification", "user"];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    shop_server::telemetry::init(false);
+    let admin: PgConnectOptions = cli
+        .database_url
+        .parse()
+        .context("--database-url is not a PostgreSQL URL")?;
+    let mut conn = admin
+        .connect()
+        .await
+        .context("failed to connect to PostgreSQL")?;
+    let mut urls = Vec::new();
+    for service in SERVICES {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(service)
+                .fetch_one(&mut conn)
+                .await?;
+        if !exists {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE DATABASE \"{service}\""
+            )))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("failed to create database {service}"))?;
+        }
+        urls.push(admin.clone().database(service).to_url_lossy().to_string());
+    }
+    conn.close().await?;
+
+    let addr = |offset: u16| SocketAddr::new(cli.first_addr.ip(), cli.first_addr.port() + offset);
+    let shutdown = shop_server::shutdown::on_signal();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut table = Vec::new();
+
+    let order = order_service::Application::build(order_service::Settings {
+        grpc_addr: addr(0),
+        database_url: urls[0].clone(),
+        log_json: false,
+        subscriber: cli.subscriber.clone(),
+    })
+    .await?;
+    table.push(("order", order.addr()));
+    tasks.spawn(order.run_until_stopped(shutdown.clone()));
+    let inventory = inventory_service::Application::build(inventory_service::Settings {
+        grpc_addr: addr(1),
+        database_url: urls[1].clone(),
+        log_json: false,
+        subscriber: cli.subscriber.clone(),
+    })
+    .await?;
+    table.push(("inventory", inventory.addr()));
+    tasks.spawn(inventory.run_until_stopped(shutdown.clone()));
+    let payment = payment_service::Application::build(payment_service::Settings {
+        grpc_addr: addr(2),
+        database_url: urls[2].clone(),
+        decline_above_minor: cli.decline_above_minor,
+        log_json: false,
+        subscriber: cli.subscriber.clone(),
+    })
+    .await?;
+    table.push(("payment", payment.addr()));
+    tasks.spawn(payment.run_until_stopped(shutdown.clone()));
+    let notification = notification_service::Application::build(notification_service::Settings {
+        grpc_addr: addr(3),
+        database_url: urls[3].clone(),
+        log_json: false,
+        subscriber: cli.subscriber.clone(),
+    })
+    .await?;
+    table.push(("notification", notification.addr()));
+    tasks.spawn(notification.run_until_stopped(shutdown.clone()));
+    let user = user_service::Application::build(user_service::Settings {
+        grpc_addr: addr(4),
+        database_url: urls[4].clone(),
+        log_json: false,
+        subscriber: cli.subscriber.clone(),
+    })
+    .await?;
+    table.push(("user", user.addr()));
+    tasks.spawn(user.run_until_stopped(shutdown.clone()));
+
+    for (i, (service, url)) in SERVICES.iter().zip(&urls).enumerate() {
+        let mut settings = RelaySettings::new(url, &cli.subscriber.amqp_url);
+        settings.exchange = cli.subscriber.exchange.clone();
+        settings.source = format!("{service}-service");
+        settings.health_addr = addr(20 + i as u16);
+        let relay = Relay::build(settings).await?;
+        println!(
+            "{:<14} relay health {}",
+            format!("{service}-relay"),
+            relay.health_addr()
+        );
+        tasks.spawn(relay.run_until_stopped(shutdown.clone()));
+    }
+    for (service, addr) in &table {
+        println!("{:<14} gRPC {addr}", format!("{service}-service"));
+    }
+    println!("the checkout is running; ctrl-c stops it");
+
+    while let Some(result) = tasks.join_next().await {
+        if let Err(error) = result.context("a task panicked").and_then(|r| r) {
+            tracing::error!(error = format!("{error:#}"), "stopping");
+            shutdown.cancel();
+        }
+    }
+    Ok(())
+}
