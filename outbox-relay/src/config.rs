@@ -95,6 +95,11 @@ pub struct RelaySettings {
     #[arg(long, env = "OUTBOX_RELAY_REBALANCE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub rebalance_interval: Duration,
 
+    /// Longest wait for the broker to confirm a wave of messages; past it
+    /// the connection is considered broken and the relay reconnects.
+    #[arg(long, env = "OUTBOX_RELAY_CONFIRM_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub confirm_timeout: Duration,
+
     /// Failed attempts after which a row is quarantined.
     #[arg(long, env = "OUTBOX_RELAY_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
     pub max_attempts: i32,

@@ -8,6 +8,7 @@
 //! aggregate's events never reach the broker out of order.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use chrono::Utc;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
@@ -29,6 +30,18 @@ pub struct Publisher {
     exchange: ShortString,
     source: String,
     max_payload_bytes: usize,
+    confirm_timeout: Duration,
+}
+
+/// Why a batch could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The channel or connection failed.
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    /// The broker did not confirm in time.
+    #[error("the broker did not confirm within {0:?}")]
+    ConfirmTimeout(Duration),
 }
 
 /// What happened to the rows of a batch.
@@ -49,6 +62,7 @@ impl Publisher {
         exchange: &str,
         source: &str,
         max_payload_bytes: usize,
+        confirm_timeout: Duration,
     ) -> lapin::Result<Self> {
         let properties =
             ConnectionProperties::default().with_connection_name("outbox-relay".into());
@@ -74,13 +88,14 @@ impl Publisher {
             exchange: exchange.into(),
             source: source.to_owned(),
             max_payload_bytes,
+            confirm_timeout,
         })
     }
 
     /// Publishes `rows` (in publication order) and waits for every confirm.
     /// An error means the channel or connection broke; nothing of the batch
     /// may then be marked published.
-    pub async fn publish_batch(&self, rows: &[PendingRow]) -> lapin::Result<BatchOutcome> {
+    pub async fn publish_batch(&self, rows: &[PendingRow]) -> Result<BatchOutcome, PublishError> {
         let mut outcome = BatchOutcome::default();
         let mut blocked: HashSet<(&str, &str)> = HashSet::new();
         for wave in waves(rows) {
@@ -118,8 +133,12 @@ impl Publisher {
                     .await?;
                 in_flight.push((row, confirm));
             }
+            let deadline = tokio::time::Instant::now() + self.confirm_timeout;
             for (row, confirm) in in_flight {
-                let error = match confirm.await? {
+                let confirmation = tokio::time::timeout_at(deadline, confirm)
+                    .await
+                    .map_err(|_| PublishError::ConfirmTimeout(self.confirm_timeout))??;
+                let error = match confirmation {
                     Confirmation::Ack(None) => {
                         outcome.published.push(row.id);
                         let latency = (Utc::now() - row.occurred_at).as_seconds_f64();

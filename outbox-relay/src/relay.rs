@@ -188,6 +188,7 @@ impl Worker {
             &settings.exchange,
             &settings.source,
             settings.max_payload_bytes,
+            settings.confirm_timeout,
         )
         .await
         .context("failed to connect to RabbitMQ")?;

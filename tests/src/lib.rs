@@ -96,7 +96,18 @@ impl Servers {
     /// Stops and starts the RabbitMQ application, dropping every client
     /// connection while durable queues and persistent messages survive.
     pub async fn restart_broker(&self) -> Result<()> {
-        self.rabbitmqctl(&["stop_app"]).await?;
+        self.stop_broker().await?;
+        self.start_broker().await
+    }
+
+    /// Stops the RabbitMQ application; clients lose their connections and
+    /// cannot reconnect until [`Servers::start_broker`].
+    pub async fn stop_broker(&self) -> Result<()> {
+        self.rabbitmqctl(&["stop_app"]).await
+    }
+
+    /// Starts the RabbitMQ application again and waits until it is up.
+    pub async fn start_broker(&self) -> Result<()> {
         self.rabbitmqctl(&["start_app"]).await?;
         self.rabbitmqctl(&["await_startup"]).await
     }

@@ -90,6 +90,7 @@ impl Setup {
         settings.rebalance_interval = Duration::from_millis(300);
         settings.retry_backoff = Duration::from_millis(50);
         settings.max_retry_backoff = Duration::from_millis(200);
+        settings.confirm_timeout = Duration::from_secs(5);
         settings
     }
 

@@ -55,6 +55,9 @@ pub const ATTEMPTS_HEADER: &str = "x-attempts";
 /// Header on a dead-lettered message: the queue it failed in.
 pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
 
+/// Longest wait for the broker to confirm or accept an acknowledgement.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Longest wait between tries while the database is unreachable.
 const MAX_DATABASE_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -320,15 +323,24 @@ impl Subscriber {
             }
         };
 
-        // Stop the flow first, then let the lanes finish what they hold.
-        let _ = channel
-            .basic_cancel(
-                inner.consumer.as_str().into(),
-                BasicCancelOptions::default(),
-            )
-            .await;
-        drop(lanes);
-        while workers.join_next().await.is_some() {}
+        if result.is_ok() {
+            // Shutdown: stop the flow first, then let the lanes finish what
+            // they hold and acknowledge it.
+            let _ = channel
+                .basic_cancel(
+                    inner.consumer.as_str().into(),
+                    BasicCancelOptions::default(),
+                )
+                .await;
+            drop(lanes);
+            while workers.join_next().await.is_some() {}
+        } else {
+            // The connection is gone: nothing the lanes hold can be
+            // acknowledged any more. Stop them; open transactions roll back
+            // and the broker redelivers their messages.
+            workers.abort_all();
+            while workers.join_next().await.is_some() {}
+        }
         let _ = conn.close(200, "OK".into()).await;
         result
     }
@@ -498,9 +510,9 @@ impl Inner {
             }
             Outcome::DatabaseUnavailable(_) => unreachable!("handled by the lane"),
         };
-        delivery
-            .ack(BasicAckOptions::default())
+        tokio::time::timeout(BROKER_TIMEOUT, delivery.ack(BasicAckOptions::default()))
             .await
+            .context("acknowledgement timed out")?
             .context("failed to acknowledge")?;
         metrics::counter!(crate::metrics::MESSAGES, "consumer" => self.consumer.clone(), "outcome" => label).increment(1);
         tracing::debug!(consumer = %self.consumer, outcome = label, elapsed = ?started.elapsed(), "delivery settled");
@@ -514,7 +526,7 @@ async fn publish_confirmed(
     payload: &[u8],
     properties: BasicProperties,
 ) -> anyhow::Result<()> {
-    let confirmation = channel
+    let confirm = channel
         .basic_publish(
             "".into(),
             queue.into(),
@@ -525,8 +537,10 @@ async fn publish_confirmed(
             payload,
             properties,
         )
-        .await?
         .await?;
+    let confirmation = tokio::time::timeout(BROKER_TIMEOUT, confirm)
+        .await
+        .map_err(|_| anyhow::anyhow!("the broker did not confirm within {BROKER_TIMEOUT:?}"))??;
     anyhow::ensure!(
         confirmation == Confirmation::Ack(None),
         "the broker did not accept the message for {queue}"

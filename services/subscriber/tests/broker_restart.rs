@@ -35,10 +35,20 @@ async fn broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice() -> 
         "everything was applied before the restart; the test proves nothing"
     );
 
-    shop_tests::eventually(Duration::from_secs(120), "every message", || async {
+    let all = shop_tests::eventually(Duration::from_secs(120), "every message", || async {
         Ok((count().await? >= total).then_some(()))
     })
-    .await?;
+    .await;
+    if let Err(error) = all {
+        let conn = setup.broker.connect().await?;
+        let dead = shop_subscriber::dlq::list(&conn, &setup.queue).await?;
+        anyhow::bail!(
+            "{error}: {} applied, {} dead-lettered {:?}",
+            count().await?,
+            dead.len(),
+            dead.first()
+        );
+    }
     running.stop().await?;
     let (rows, distinct): (i64, i64) =
         sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM applied")
