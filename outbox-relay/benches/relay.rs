@@ -1,6 +1,7 @@
 //! Relay benchmark: prints the relay's drain throughput against raw
 //! confirmed publishing with lapin measured in the same run, commit→consumer
-//! latency under steady load (with NOTIFY and with polling only), and the
+//! latency under steady load (with NOTIFY and with polling only; four writers,
+//! one event per transaction), and the
 //! relay's peak memory.
 //!
 //! `cargo bench -p outbox-relay --bench relay` with `DATABASE_URL` and
@@ -95,6 +96,11 @@ async fn main() -> Result<()> {
 }
 
 async fn declare(broker: &TestBroker, exchange: &str, queue: &str) -> Result<()> {
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     let conn = broker.connect().await?;
     let channel = conn.create_channel().await?;
     channel
@@ -115,7 +121,8 @@ async fn declare(broker: &TestBroker, exchange: &str, queue: &str) -> Result<()>
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            // Quorum, like the subscribers' work queues.
+            quorum,
         )
         .await?;
     channel
@@ -310,26 +317,39 @@ async fn latency(
         latencies
     });
 
-    let pool = db.pool.clone();
-    let interval = Duration::from_secs_f64(1.0 / rate);
+    // Several writers, each one event per transaction, share the rate.
+    const WRITERS: usize = 4;
     let started = Instant::now();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for i in 0..total {
-        ticker.tick().await;
-        let mut tx = pool.begin().await?;
-        let mut payload = (epoch.elapsed().as_micros() as u64).to_be_bytes().to_vec();
-        payload.resize(PAYLOAD_BYTES, 0);
-        shop_outbox::enqueue_raw(
-            &mut tx,
-            shop_outbox::Aggregate::new("bench", &format!("agg-{}", i % AGGREGATES as usize)),
-            "bench.v1.Event",
-            &payload,
-            "application/octet-stream",
-            &shop_outbox::EventContext::default(),
-        )
-        .await?;
-        tx.commit().await?;
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..WRITERS {
+        let pool = db.pool.clone();
+        let interval = Duration::from_secs_f64(WRITERS as f64 / rate);
+        let count = total / WRITERS + usize::from(writer < total % WRITERS);
+        writers.spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for i in 0..count {
+                ticker.tick().await;
+                let mut tx = pool.begin().await?;
+                let mut payload = (epoch.elapsed().as_micros() as u64).to_be_bytes().to_vec();
+                payload.resize(PAYLOAD_BYTES, 0);
+                let aggregate = format!("agg-{}", (i * WRITERS + writer) % AGGREGATES as usize);
+                shop_outbox::enqueue_raw(
+                    &mut tx,
+                    shop_outbox::Aggregate::new("bench", &aggregate),
+                    "bench.v1.Event",
+                    &payload,
+                    "application/octet-stream",
+                    &shop_outbox::EventContext::default(),
+                )
+                .await?;
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(result) = writers.join_next().await {
+        result??;
     }
     let achieved = total as f64 / started.elapsed().as_secs_f64();
     let mut latencies = tokio::time::timeout(Duration::from_secs(60), consume).await??;
