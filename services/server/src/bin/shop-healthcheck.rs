@@ -1,0 +1,41 @@
+//! `shop-healthcheck`: asks a gRPC server for its health and exits 0 when it
+//! is SERVING, 1 otherwise. For container health checks and exec probes.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let (Some(addr), service) = (args.next(), args.next().unwrap_or_default()) else {
+        eprintln!("usage: shop-healthcheck <host:port> [service]");
+        return ExitCode::from(2);
+    };
+    match check(&addr, service).await {
+        Ok(ServingStatus::Serving) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("{addr}: {}", status.as_str_name());
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("{addr}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn check(addr: &str, service: String) -> anyhow::Result<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest { service })
+        .await?;
+    Ok(response.into_inner().status())
+}
