@@ -2,6 +2,9 @@
 //! and RabbitMQ of this machine. Creates the five service databases if they
 //! are missing, migrates them, starts the five services and one outbox relay
 //! per database, prints the addresses, and runs until ctrl-c or SIGTERM.
+//! `shop-local demo` then drives it like a customer (see [`demo`]).
+
+mod demo;
 
 use std::net::SocketAddr;
 
@@ -16,6 +19,10 @@ use sqlx::{ConnectOptions, Connection};
 #[derive(Debug, Parser)]
 #[command(name = "shop-local", version)]
 struct Cli {
+    /// Without a command, runs the checkout.
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// PostgreSQL server; the service databases are created next to this one.
     #[arg(
         long,
@@ -27,13 +34,31 @@ struct Cli {
     /// Address the order service listens on; the others take the next ports
     /// (inventory, payment, notification, user) and the relays' health
     /// endpoints take the ports from +20.
-    #[arg(long, env = "SHOP_FIRST_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "SHOP_FIRST_ADDR",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
     first_addr: SocketAddr,
     /// The simulated payment provider declines amounts above this (minor units).
-    #[arg(long, env = "PAYMENT_DECLINE_ABOVE_MINOR", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "PAYMENT_DECLINE_ABOVE_MINOR",
+        default_value_t = 100_000,
+        global = true
+    )]
     decline_above_minor: i64,
     #[command(flatten)]
     subscriber: SubscriberSettings,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Against a running checkout: register a customer, create products, and
+    /// place a paid order, a declined one and one that runs out of stock,
+    /// printing each order's saga.
+    Demo,
 }
 
 const SERVICES: [&str; 5] = ["order", "inventory", "payment", "notification", "user"];
@@ -41,6 +66,10 @@ const SERVICES: [&str; 5] = ["order", "inventory", "payment", "notification", "u
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let addr = |offset: u16| SocketAddr::new(cli.first_addr.ip(), cli.first_addr.port() + offset);
+    if let Some(Command::Demo) = cli.command {
+        return demo::run(addr(0), addr(1), addr(4), cli.decline_above_minor).await;
+    }
     shop_server::telemetry::init(false);
     let admin: PgConnectOptions = cli
         .database_url
@@ -69,7 +98,6 @@ async fn main() -> anyhow::Result<()> {
     }
     conn.close().await?;
 
-    let addr = |offset: u16| SocketAddr::new(cli.first_addr.ip(), cli.first_addr.port() + offset);
     let shutdown = shop_server::shutdown::on_signal();
     let mut tasks = tokio::task::JoinSet::new();
     let mut table = Vec::new();

@@ -190,7 +190,7 @@ pub async fn add_history(
 ) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO order_history (order_id, message_id, event_type, occurred_at, detail) \
-         VALUES ($1, $2, $3, now(), $4) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, $3, clock_timestamp(), $4) ON CONFLICT DO NOTHING",
     )
     .bind(order_id)
     .bind(message_id)

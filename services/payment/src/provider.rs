@@ -39,13 +39,19 @@ impl PaymentProvider for SimulatedProvider {
     fn charge(&self, _order_id: Uuid, amount_minor: i64, currency: &str) -> Charge {
         if amount_minor > self.decline_above_minor {
             Charge::Declined(format!(
-                "amount {amount_minor} {currency} exceeds the card limit of {} {currency}",
-                self.decline_above_minor
+                "{} {currency} exceeds the card limit of {} {currency}",
+                major(amount_minor),
+                major(self.decline_above_minor)
             ))
         } else {
             Charge::Approved
         }
     }
+}
+
+/// Minor units as a decimal amount with two places (1999 → "19.99").
+fn major(amount_minor: i64) -> String {
+    format!("{}.{:02}", amount_minor / 100, (amount_minor % 100).abs())
 }
 
 #[cfg(test)]
