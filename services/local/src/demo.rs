@@ -92,7 +92,7 @@ pub(crate) async fn run(
             idempotency_key: format!("demo-{run}-{product_id}"),
         };
         let order = place(&mut orders, request).await?;
-        println!("placed order {}", order);
+        println!("placed order {order}");
         let mut stream = orders
             .watch_order(WatchOrderRequest {
                 order_id: order.clone(),
