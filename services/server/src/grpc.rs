@@ -37,14 +37,20 @@ pub async fn serve(
             .set_service_status(name.as_str(), ServingStatus::Serving)
             .await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection lists exactly the services this server serves.
+    let reflection_builder = || {
+        service_names.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health"),
+            |builder, name| builder.with_service_name(*name),
+        )
+    };
+    let reflection = reflection_builder()
         .build_v1()
         .context("failed to build the reflection service")?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(shop_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_alpha = reflection_builder()
         .build_v1alpha()
         .context("failed to build the reflection service")?;
     let routes = routes
