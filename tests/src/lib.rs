@@ -139,17 +139,28 @@ impl Servers {
 }
 
 fn init_tracing() {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     static INIT: Once = Once::new();
     INIT.call_once(|| {
-        if std::env::var_os("TEST_LOG").is_some() {
-            tracing_subscriber::fmt()
-                .with_env_filter(
+        // Spans always get trace ids, so tests can follow a trace; logs
+        // print only with TEST_LOG.
+        let logs = std::env::var_os("TEST_LOG").is_some().then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| "info".into()),
                 )
-                .with_test_writer()
-                .init();
-        }
+        });
+        let traces =
+            shop_outbox::trace::layer().with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+        let _ = tracing_subscriber::registry()
+            .with(logs)
+            .with(traces)
+            .try_init();
     });
 }
 

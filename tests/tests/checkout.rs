@@ -524,3 +524,58 @@ async fn bad_requests_are_rejected_naming_the_field_and_write_nothing() -> Resul
     assert_eq!(products, 0);
     system.stop().await
 }
+
+#[tokio::test]
+async fn one_trace_follows_an_order_from_place_order_through_every_service() -> Result<()> {
+    let system = System::start().await?;
+    let customer = register(&system, "traced@example.com").await?;
+    let kettle = product(&system, "KETTLE", 2500, 3).await?;
+    // Wait until the order service knows both, then place the traced order.
+    place(&system, request(&customer, &[(&kettle, 1)], "warm-up")).await?;
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut call = tonic::Request::new(request(&customer, &[(&kettle, 1)], "traced-1"));
+    call.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").parse()?,
+    );
+    let order = system
+        .order
+        .clone()
+        .place_order(call)
+        .await?
+        .into_inner()
+        .order
+        .unwrap();
+    wait_for(&system, &order.order_id, OrderStatus::Confirmed).await?;
+    notifications_for(&system, &order.order_id).await?;
+
+    // Every event of the saga, in every service's outbox, carries the trace.
+    let hops = [
+        (&system.order_db, "shop.events.v1.OrderPlaced"),
+        (&system.inventory_db, "shop.events.v1.InventoryReserved"),
+        (&system.payment_db, "shop.events.v1.PaymentSucceeded"),
+        (&system.order_db, "shop.events.v1.OrderConfirmed"),
+        (&system.inventory_db, "shop.events.v1.InventoryCommitted"),
+        (&system.notification_db, "shop.events.v1.NotificationSent"),
+    ];
+    for (db, event_type) in hops {
+        let traceparents: Vec<Option<String>> = eventually(TIMEOUT, event_type, || async {
+            let rows: Vec<Option<String>> = sqlx::query_scalar(
+                "SELECT traceparent FROM outbox WHERE event_type = $1 AND correlation_id = $2::uuid",
+            )
+            .bind(event_type)
+            .bind(&order.order_id)
+            .fetch_all(&db.pool)
+            .await?;
+            Ok((!rows.is_empty()).then_some(rows))
+        })
+        .await?;
+        let ids: Vec<Option<&str>> = traceparents
+            .iter()
+            .map(|tp| tp.as_deref().and_then(shop_outbox::trace::trace_id))
+            .collect();
+        assert_eq!(ids, vec![Some(trace_id)], "{event_type} left the trace");
+    }
+    system.stop().await
+}

@@ -8,6 +8,8 @@
 //! The table's DDL lives in `migrations/outbox/` and is exposed here as
 //! [`MIGRATOR`]; every service database applies it (see [`migrator`]).
 
+pub mod trace;
+
 use chrono::{DateTime, Utc};
 use sqlx::migrate::{Migration, Migrator};
 use sqlx::{PgConnection, Postgres, Transaction};
@@ -46,7 +48,8 @@ pub struct EventContext {
     pub correlation_id: Option<Uuid>,
     /// Message id of the event that caused this one, if any.
     pub causation_id: Option<Uuid>,
-    /// W3C `traceparent` of the span that writes the event.
+    /// W3C `traceparent` to carry when the writing code is not inside a
+    /// traced span; the current span's wins (see [`trace`]).
     pub traceparent: Option<String>,
 }
 
@@ -191,7 +194,7 @@ async fn insert(
     .bind(record.occurred_at)
     .bind(context.correlation_id)
     .bind(context.causation_id)
-    .bind(context.traceparent.as_deref())
+    .bind(trace::current_traceparent().or_else(|| context.traceparent.clone()))
     .execute(conn)
     .await?;
     Ok(record)

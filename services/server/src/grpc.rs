@@ -67,6 +67,7 @@ pub async fn serve(
         }
     };
     tonic::transport::Server::builder()
+        .trace_fn(request_span)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
@@ -74,6 +75,18 @@ pub async fn serve(
         )
         .await
         .context("gRPC server failed")
+}
+
+/// The span of one gRPC call, continuing the caller's trace when the call
+/// carries a `traceparent` header.
+fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!("grpc", method = %request.uri().path());
+    let traceparent = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok());
+    shop_outbox::trace::continue_trace(&span, traceparent);
+    span
 }
 
 /// Runs a service: its gRPC API (with health and reflection) and, if it has

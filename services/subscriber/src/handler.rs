@@ -34,7 +34,8 @@ pub struct Metadata {
 
 impl Metadata {
     /// Context for events this handler writes: same flow, caused by this
-    /// message, same trace.
+    /// message, same trace (the handler's span is a child of the producer's;
+    /// the producer's `traceparent` is the fallback outside a traced span).
     pub fn event_context(&self) -> EventContext {
         EventContext::caused_by(self.message_id, self.correlation_id)
             .with_traceparent(self.traceparent.clone())

@@ -412,8 +412,9 @@ impl Inner {
             event_type = %metadata.event_type,
             message_id = %metadata.message_id,
             attempt = metadata.attempt,
-            traceparent = metadata.traceparent.as_deref().unwrap_or(""),
         );
+        // The handler's span continues the producer's trace.
+        shop_outbox::trace::continue_trace(&span, metadata.traceparent.as_deref());
         async {
             let mut tx = match self.pool.begin().await {
                 Ok(tx) => tx,

@@ -29,9 +29,11 @@ pub struct System {
     pub user: UserServiceClient<Channel>,
     pub order_db: TestDatabase,
     pub inventory_db: TestDatabase,
+    pub payment_db: TestDatabase,
+    pub notification_db: TestDatabase,
+    pub user_db: TestDatabase,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
-    _dbs: Vec<TestDatabase>,
     _broker: TestBroker,
 }
 
@@ -159,7 +161,9 @@ impl System {
             inventory_db,
             shutdown,
             tasks,
-            _dbs: vec![payment_db, notification_db, user_db],
+            payment_db,
+            notification_db,
+            user_db,
             _broker: broker,
         })
     }
