@@ -49,6 +49,10 @@ struct Cli {
         global = true
     )]
     decline_above_minor: i64,
+    /// Address of the Prometheus `/metrics` endpoint of the whole process;
+    /// empty turns it off.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9460", value_parser = shop_server::metrics::parse_addr)]
+    metrics_addr: std::option::Option<SocketAddr>,
     #[command(flatten)]
     subscriber: SubscriberSettings,
 }
@@ -71,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
         return demo::run(addr(0), addr(1), addr(4), cli.decline_above_minor).await;
     }
     shop_server::telemetry::init(false);
+    if let Some(addr) = cli.metrics_addr {
+        shop_server::metrics::install_exporter(addr)?;
+    }
     let admin: PgConnectOptions = cli
         .database_url
         .parse()
@@ -105,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
     let order = order_service::Application::build(order_service::Settings {
         grpc_addr: addr(0),
         database_url: urls[0].clone(),
+        metrics_addr: None,
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -114,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
     let inventory = inventory_service::Application::build(inventory_service::Settings {
         grpc_addr: addr(1),
         database_url: urls[1].clone(),
+        metrics_addr: None,
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -124,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: addr(2),
         database_url: urls[2].clone(),
         decline_above_minor: cli.decline_above_minor,
+        metrics_addr: None,
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -133,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
     let notification = notification_service::Application::build(notification_service::Settings {
         grpc_addr: addr(3),
         database_url: urls[3].clone(),
+        metrics_addr: None,
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -142,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
     let user = user_service::Application::build(user_service::Settings {
         grpc_addr: addr(4),
         database_url: urls[4].clone(),
+        metrics_addr: None,
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })

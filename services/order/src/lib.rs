@@ -51,6 +51,9 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub database_url: String,
+    /// Address of the Prometheus `/metrics` endpoint; empty turns it off.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9461", value_parser = shop_server::metrics::parse_addr)]
+    pub metrics_addr: std::option::Option<SocketAddr>,
     /// Log as JSON lines.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,

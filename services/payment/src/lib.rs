@@ -55,6 +55,9 @@ pub struct Settings {
     /// The simulated provider declines charges above this amount (minor units).
     #[arg(long, env = "PAYMENT_DECLINE_ABOVE_MINOR", default_value_t = 100_000)]
     pub decline_above_minor: i64,
+    /// Address of the Prometheus `/metrics` endpoint; empty turns it off.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9463", value_parser = shop_server::metrics::parse_addr)]
+    pub metrics_addr: std::option::Option<SocketAddr>,
     /// Log as JSON lines.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,

@@ -6,6 +6,9 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let settings = payment_service::Settings::parse();
     shop_server::telemetry::init(settings.log_json);
+    if let Some(addr) = settings.metrics_addr {
+        shop_server::metrics::install_exporter(addr)?;
+    }
     let app = payment_service::Application::build(settings).await?;
     tracing::info!(addr = %app.addr(), "payment-service listening");
     app.run_until_stopped(shop_server::shutdown::on_signal())

@@ -68,6 +68,7 @@ pub async fn serve(
     };
     tonic::transport::Server::builder()
         .trace_fn(request_span)
+        .layer(crate::metrics::GrpcMetricsLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),

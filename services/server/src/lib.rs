@@ -1,12 +1,14 @@
 //! What every checkout service shares, so each service holds only its own
 //! rules: gRPC serving with health and reflection ([`grpc`]), the one mapping
 //! from service errors to gRPC status ([`error`]), input validation
-//! ([`validate`]), database set-up ([`database`]), logging ([`telemetry`])
+//! ([`validate`]), database set-up ([`database`]), Prometheus metrics
+//! ([`metrics`]), logging and trace context ([`telemetry`])
 //! and shutdown on signals ([`shutdown`]).
 
 pub mod database;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
 pub mod validate;

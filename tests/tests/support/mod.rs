@@ -96,6 +96,7 @@ impl System {
         let app = user_service::Application::build(user_service::Settings {
             grpc_addr: any,
             database_url: user_db.url.clone(),
+            metrics_addr: None,
             log_json: false,
             subscriber: subscriber.clone(),
         })
@@ -106,6 +107,7 @@ impl System {
         let app = inventory_service::Application::build(inventory_service::Settings {
             grpc_addr: any,
             database_url: inventory_db.url.clone(),
+            metrics_addr: None,
             log_json: false,
             subscriber: subscriber.clone(),
         })
@@ -116,6 +118,7 @@ impl System {
         let app = order_service::Application::build(order_service::Settings {
             grpc_addr: any,
             database_url: order_db.url.clone(),
+            metrics_addr: None,
             log_json: false,
             subscriber: subscriber.clone(),
         })
@@ -127,6 +130,7 @@ impl System {
             grpc_addr: any,
             database_url: payment_db.url.clone(),
             decline_above_minor: DECLINE_ABOVE,
+            metrics_addr: None,
             log_json: false,
             subscriber: subscriber.clone(),
         })
@@ -139,6 +143,7 @@ impl System {
         let app = notification_service::Application::build(notification_service::Settings {
             grpc_addr: any,
             database_url: notification_db.url.clone(),
+            metrics_addr: None,
             log_json: false,
             subscriber,
         })
