@@ -579,3 +579,49 @@ async fn one_trace_follows_an_order_from_place_order_through_every_service() -> 
     }
     system.stop().await
 }
+
+#[tokio::test]
+async fn orders_still_end_right_when_the_payment_service_crashes_twice_mid_stream() -> Result<()> {
+    let mut system = System::start().await?;
+    let customer = register(&system, "chaos@example.com").await?;
+    let cup = product(&system, "CUP", 500, 100).await?;
+    let first = place(&system, request(&customer, &[(&cup, 1)], "chaos-0")).await?;
+
+    let mut ids = vec![first.order_id];
+    for round in 0..2 {
+        for n in 0..10 {
+            let key = format!("chaos-{round}-{n}");
+            let order = system
+                .order
+                .clone()
+                .place_order(request(&customer, &[(&cup, 1)], &key))
+                .await?;
+            ids.push(order.into_inner().order.unwrap().order_id);
+        }
+        // Crash payment while those orders are flowing through it.
+        system.crash_payment().await;
+        system.start_payment().await?;
+    }
+
+    for id in &ids {
+        wait_for(&system, id, OrderStatus::Confirmed).await?;
+    }
+    let orders = ids.len() as i32;
+    wait_for_stock(&system, &cup, 100 - orders, 0).await?;
+    let (payments, charged): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT order_id) FROM payments")
+            .fetch_one(&system.payment_db.pool)
+            .await?;
+    assert_eq!(
+        (payments, charged),
+        (orders as i64, orders as i64),
+        "one charge per order"
+    );
+    let succeeded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE event_type = 'shop.events.v1.PaymentSucceeded'",
+    )
+    .fetch_one(&system.payment_db.pool)
+    .await?;
+    assert_eq!(succeeded, orders as i64, "one PaymentSucceeded per order");
+    system.stop().await
+}

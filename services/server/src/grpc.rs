@@ -100,18 +100,20 @@ pub async fn run_service(
     subscriber: Option<shop_subscriber::Subscriber>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Both run inside this future (no detached tasks), so dropping it, as
+    // a crash or an abort does, stops both.
     let stop_all = shutdown.child_token();
-    let consuming = {
-        let stop = stop_all.clone();
-        tokio::spawn(async move {
-            match subscriber {
-                Some(subscriber) => subscriber.run_until_stopped(stop).await,
-                None => Ok(()),
-            }
-        })
+    let serving = async {
+        let served = serve(listener, routes, service_names, stop_all.clone()).await;
+        stop_all.cancel();
+        served
     };
-    let served = serve(listener, routes, service_names, stop_all.clone()).await;
-    stop_all.cancel();
-    let consumed = consuming.await.context("subscriber task failed")?;
+    let consuming = async {
+        match subscriber {
+            Some(subscriber) => subscriber.run_until_stopped(stop_all.clone()).await,
+            None => Ok(()),
+        }
+    };
+    let (served, consumed) = tokio::join!(serving, consuming);
     served.and(consumed)
 }

@@ -34,6 +34,8 @@ pub struct System {
     pub user_db: TestDatabase,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+    payment_settings: payment_service::Settings,
+    payment_task: Option<tokio::task::JoinHandle<Result<()>>>,
     _broker: TestBroker,
 }
 
@@ -126,19 +128,18 @@ impl System {
         let order_addr = app.addr();
         tasks.push(tokio::spawn(app.run_until_stopped(shutdown.clone())));
 
-        let payment = payment_service::Application::build(payment_service::Settings {
+        let payment_settings = payment_service::Settings {
             grpc_addr: any,
             database_url: payment_db.url.clone(),
             decline_above_minor: DECLINE_ABOVE,
             metrics_addr: None,
             log_json: false,
             subscriber: subscriber.clone(),
-        })
-        .await?;
+        };
+        let payment = payment_service::Application::build(payment_settings.clone()).await?;
         let payment_addr = payment.addr();
-        if !options.without_payment {
-            tasks.push(tokio::spawn(payment.run_until_stopped(shutdown.clone())));
-        }
+        let payment_task = (!options.without_payment)
+            .then(|| tokio::spawn(payment.run_until_stopped(shutdown.clone())));
 
         let app = notification_service::Application::build(notification_service::Settings {
             grpc_addr: any,
@@ -166,6 +167,8 @@ impl System {
             inventory_db,
             shutdown,
             tasks,
+            payment_settings,
+            payment_task,
             payment_db,
             notification_db,
             user_db,
@@ -173,8 +176,31 @@ impl System {
         })
     }
 
+    /// Kills the payment service without a shutdown, as a crash would: its
+    /// open transaction is dropped and its broker connection closes.
+    pub async fn crash_payment(&mut self) {
+        if let Some(task) = self.payment_task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Starts the payment service again on its database.
+    pub async fn start_payment(&mut self) -> Result<()> {
+        let app = payment_service::Application::build(self.payment_settings.clone()).await?;
+        let addr = app.addr();
+        self.payment = PaymentServiceClient::new(
+            Channel::from_shared(format!("http://{addr}"))?.connect_lazy(),
+        );
+        self.payment_task = Some(tokio::spawn(app.run_until_stopped(self.shutdown.clone())));
+        Ok(())
+    }
+
     pub async fn stop(self) -> Result<()> {
         self.shutdown.cancel();
+        if let Some(task) = self.payment_task {
+            task.await??;
+        }
         for task in self.tasks {
             task.await??;
         }
