@@ -9,7 +9,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = settings.metrics_addr {
         shop_server::metrics::install_exporter(addr)?;
     }
-    let app = inventory_service::Application::build(settings).await?;
+    let app = inventory_service::build(settings).await?;
     tracing::info!(addr = %app.addr(), "inventory-service listening");
     app.run_until_stopped(shop_server::shutdown::on_signal())
         .await

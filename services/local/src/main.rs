@@ -109,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut table = Vec::new();
 
-    let order = order_service::Application::build(order_service::Settings {
+    let order = order_service::build(order_service::Settings {
         grpc_addr: addr(0),
         database_url: urls[0].clone(),
         metrics_addr: None,
@@ -119,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     table.push(("order", order.addr()));
     tasks.spawn(order.run_until_stopped(shutdown.clone()));
-    let inventory = inventory_service::Application::build(inventory_service::Settings {
+    let inventory = inventory_service::build(inventory_service::Settings {
         grpc_addr: addr(1),
         database_url: urls[1].clone(),
         metrics_addr: None,
@@ -129,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     table.push(("inventory", inventory.addr()));
     tasks.spawn(inventory.run_until_stopped(shutdown.clone()));
-    let payment = payment_service::Application::build(payment_service::Settings {
+    let payment = payment_service::build(payment_service::Settings {
         grpc_addr: addr(2),
         database_url: urls[2].clone(),
         decline_above_minor: cli.decline_above_minor,
@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     table.push(("payment", payment.addr()));
     tasks.spawn(payment.run_until_stopped(shutdown.clone()));
-    let notification = notification_service::Application::build(notification_service::Settings {
+    let notification = notification_service::build(notification_service::Settings {
         grpc_addr: addr(3),
         database_url: urls[3].clone(),
         metrics_addr: None,
@@ -150,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     table.push(("notification", notification.addr()));
     tasks.spawn(notification.run_until_stopped(shutdown.clone()));
-    let user = user_service::Application::build(user_service::Settings {
+    let user = user_service::build(user_service::Settings {
         grpc_addr: addr(4),
         database_url: urls[4].clone(),
         metrics_addr: None,

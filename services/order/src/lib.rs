@@ -18,10 +18,7 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use shop_proto::order::v1::order_service_server::{OrderServiceServer, SERVICE_NAME};
-use shop_subscriber::{Subscriber, SubscriberSettings};
-use sqlx::PgPool;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use shop_subscriber::SubscriberSettings;
 
 /// Name of this service's consumer (inbox key) and the prefix of its queues.
 pub const CONSUMER: &str = "order";
@@ -61,49 +58,22 @@ pub struct Settings {
     pub subscriber: SubscriberSettings,
 }
 
-/// The service, bound and connected, ready to run.
-#[derive(Debug)]
-pub struct Application {
-    listener: TcpListener,
-    addr: SocketAddr,
-    pool: PgPool,
-    subscriber: Subscriber,
-}
-
-impl Application {
-    /// Binds the gRPC address, connects to and migrates the database, and
-    /// declares the subscriber's queues.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let listener = shop_server::grpc::bind(settings.grpc_addr).await?;
-        let addr = listener.local_addr()?;
-        let pool =
-            shop_server::database::connect_and_migrate(&settings.database_url, &migrator()).await?;
-        let subscriber = events::subscriber(settings.subscriber, pool.clone());
-        subscriber.declare().await?;
-        Ok(Self {
-            listener,
-            addr,
-            pool,
-            subscriber,
-        })
-    }
-
-    /// The bound gRPC address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Serves until `shutdown`.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let watcher = watch::StatusChanges::start(self.pool.clone(), shutdown.clone());
-        let api = OrderServiceServer::new(grpc::Orders::new(self.pool, watcher));
-        shop_server::grpc::run_service(
-            self.listener,
-            tonic::service::Routes::new(api),
-            &[SERVICE_NAME],
-            Some(self.subscriber),
-            shutdown,
-        )
-        .await
-    }
+/// Binds the gRPC address, connects to and migrates the database, and
+/// declares the subscriber's queues: the service, ready to run.
+pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
+    let foundation =
+        shop_server::service::prepare(settings.grpc_addr, &settings.database_url, &migrator())
+            .await?;
+    let subscriber = events::subscriber(settings.subscriber, foundation.pool.clone());
+    let api = OrderServiceServer::new(grpc::Orders::new(
+        foundation.pool.clone(),
+        watch::StatusChanges::start(foundation.pool),
+    ));
+    shop_server::Service::new(
+        foundation.listener,
+        tonic::service::Routes::new(api),
+        SERVICE_NAME,
+        subscriber,
+    )
+    .await
 }

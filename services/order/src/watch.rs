@@ -8,8 +8,10 @@
 
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
+use std::sync::Arc;
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
+
+use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 const CHANNEL: &str = "order_status";
@@ -23,15 +25,19 @@ pub async fn announce(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<(
     Ok(())
 }
 
-/// Ids of orders whose status changed, as they are committed.
+/// Ids of orders whose status changed, as they are committed. Listening
+/// stops when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct StatusChanges {
     sender: broadcast::Sender<Uuid>,
+    _stop: Arc<DropGuard>,
 }
 
 impl StatusChanges {
-    /// Starts listening on `pool`'s database until `shutdown`.
-    pub fn start(pool: PgPool, shutdown: CancellationToken) -> Self {
+    /// Starts listening on `pool`'s database.
+    pub fn start(pool: PgPool) -> Self {
+        let shutdown = CancellationToken::new();
+        let stop = Arc::new(shutdown.clone().drop_guard());
         let (sender, _) = broadcast::channel(1024);
         let forward = sender.clone();
         tokio::spawn(async move {
@@ -57,7 +63,10 @@ impl StatusChanges {
                 }
             }
         });
-        Self { sender }
+        Self {
+            sender,
+            _stop: stop,
+        }
     }
 
     /// A receiver of every change from now on.

@@ -9,8 +9,10 @@ pub mod database;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod validate;
 
 pub use error::ServiceError;
+pub use service::Service;

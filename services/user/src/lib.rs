@@ -10,10 +10,7 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use shop_proto::user::v1::user_service_server::{SERVICE_NAME, UserServiceServer};
-use shop_subscriber::{Subscriber, SubscriberSettings};
-use sqlx::PgPool;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use shop_subscriber::SubscriberSettings;
 
 /// Name of this service's consumer (inbox key) and the prefix of its queues.
 pub const CONSUMER: &str = "user";
@@ -57,48 +54,19 @@ pub struct Settings {
     pub subscriber: SubscriberSettings,
 }
 
-/// The service, bound and connected, ready to run.
-#[derive(Debug)]
-pub struct Application {
-    listener: TcpListener,
-    addr: SocketAddr,
-    pool: PgPool,
-    subscriber: Subscriber,
-}
-
-impl Application {
-    /// Binds the gRPC address, connects to and migrates the database, and
-    /// declares the subscriber's queues.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let listener = shop_server::grpc::bind(settings.grpc_addr).await?;
-        let addr = listener.local_addr()?;
-        let pool =
-            shop_server::database::connect_and_migrate(&settings.database_url, &migrator()).await?;
-        let subscriber = events::subscriber(settings.subscriber, pool.clone());
-        subscriber.declare().await?;
-        Ok(Self {
-            listener,
-            addr,
-            pool,
-            subscriber,
-        })
-    }
-
-    /// The bound gRPC address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Serves until `shutdown`.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let api = UserServiceServer::new(grpc::Users::new(self.pool));
-        shop_server::grpc::run_service(
-            self.listener,
-            tonic::service::Routes::new(api),
-            &[SERVICE_NAME],
-            Some(self.subscriber),
-            shutdown,
-        )
-        .await
-    }
+/// Binds the gRPC address, connects to and migrates the database, and
+/// declares the subscriber's queues: the service, ready to run.
+pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
+    let foundation =
+        shop_server::service::prepare(settings.grpc_addr, &settings.database_url, &migrator())
+            .await?;
+    let subscriber = events::subscriber(settings.subscriber, foundation.pool.clone());
+    let api = UserServiceServer::new(grpc::Users::new(foundation.pool));
+    shop_server::Service::new(
+        foundation.listener,
+        tonic::service::Routes::new(api),
+        SERVICE_NAME,
+        subscriber,
+    )
+    .await
 }

@@ -95,7 +95,7 @@ impl System {
             tasks.push(tokio::spawn(relay.run_until_stopped(shutdown.clone())));
         }
 
-        let app = user_service::Application::build(user_service::Settings {
+        let app = user_service::build(user_service::Settings {
             grpc_addr: any,
             database_url: user_db.url.clone(),
             metrics_addr: None,
@@ -106,7 +106,7 @@ impl System {
         let user_addr = app.addr();
         tasks.push(tokio::spawn(app.run_until_stopped(shutdown.clone())));
 
-        let app = inventory_service::Application::build(inventory_service::Settings {
+        let app = inventory_service::build(inventory_service::Settings {
             grpc_addr: any,
             database_url: inventory_db.url.clone(),
             metrics_addr: None,
@@ -117,7 +117,7 @@ impl System {
         let inventory_addr = app.addr();
         tasks.push(tokio::spawn(app.run_until_stopped(shutdown.clone())));
 
-        let app = order_service::Application::build(order_service::Settings {
+        let app = order_service::build(order_service::Settings {
             grpc_addr: any,
             database_url: order_db.url.clone(),
             metrics_addr: None,
@@ -136,12 +136,12 @@ impl System {
             log_json: false,
             subscriber: subscriber.clone(),
         };
-        let payment = payment_service::Application::build(payment_settings.clone()).await?;
+        let payment = payment_service::build(payment_settings.clone()).await?;
         let payment_addr = payment.addr();
         let payment_task = (!options.without_payment)
             .then(|| tokio::spawn(payment.run_until_stopped(shutdown.clone())));
 
-        let app = notification_service::Application::build(notification_service::Settings {
+        let app = notification_service::build(notification_service::Settings {
             grpc_addr: any,
             database_url: notification_db.url.clone(),
             metrics_addr: None,
@@ -187,7 +187,7 @@ impl System {
 
     /// Starts the payment service again on its database.
     pub async fn start_payment(&mut self) -> Result<()> {
-        let app = payment_service::Application::build(self.payment_settings.clone()).await?;
+        let app = payment_service::build(self.payment_settings.clone()).await?;
         let addr = app.addr();
         self.payment = PaymentServiceClient::new(
             Channel::from_shared(format!("http://{addr}"))?.connect_lazy(),

@@ -1,0 +1,82 @@
+//! A checkout service assembled from its parts: a gRPC listener, its API,
+//! and its event subscriber.
+
+use std::net::SocketAddr;
+
+use shop_subscriber::Subscriber;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+
+/// What every service starts from: its bound gRPC listener and its
+/// connected, migrated database.
+#[derive(Debug)]
+pub struct Foundation {
+    /// The bound gRPC listener.
+    pub listener: TcpListener,
+    /// The service's database, migrated.
+    pub pool: PgPool,
+}
+
+/// Binds `grpc_addr` (port 0 picks a free port), connects to the database
+/// and applies `migrator`.
+pub async fn prepare(
+    grpc_addr: SocketAddr,
+    database_url: &str,
+    migrator: &Migrator,
+) -> anyhow::Result<Foundation> {
+    let listener = crate::grpc::bind(grpc_addr).await?;
+    let pool = crate::database::connect_and_migrate(database_url, migrator).await?;
+    Ok(Foundation { listener, pool })
+}
+
+/// A service, bound and connected, ready to run.
+#[derive(Debug)]
+pub struct Service {
+    listener: TcpListener,
+    addr: SocketAddr,
+    routes: Routes,
+    name: &'static str,
+    subscriber: Subscriber,
+}
+
+impl Service {
+    /// Assembles a service serving `routes` (whose gRPC service is `name`)
+    /// and consuming with `subscriber`, whose queues are declared now so
+    /// that events published before the first run are kept.
+    pub async fn new(
+        listener: TcpListener,
+        routes: Routes,
+        name: &'static str,
+        subscriber: Subscriber,
+    ) -> anyhow::Result<Self> {
+        let addr = listener.local_addr()?;
+        subscriber.declare().await?;
+        Ok(Self {
+            listener,
+            addr,
+            routes,
+            name,
+            subscriber,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves the API and consumes events until `shutdown`.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        crate::grpc::run_service(
+            self.listener,
+            self.routes,
+            &[self.name],
+            Some(self.subscriber),
+            shutdown,
+        )
+        .await
+    }
+}
