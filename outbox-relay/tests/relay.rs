@@ -314,3 +314,46 @@ async fn health_reports_serving_and_sigterm_stops_cleanly_releasing_leases() -> 
     assert_eq!(setup.unpublished().await?, 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_relay_binary_serves_its_metrics_for_prometheus() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let setup = Setup::new().await?;
+    let collector = setup.consume();
+    let mut settings = setup.settings();
+    settings.metrics_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?
+    };
+    let _relay = setup.spawn_relay_process(&settings);
+    setup.insert_events(2, 3, 6).await?;
+    collector.wait_for_distinct(6, TIMEOUT).await?;
+
+    let scrape = || async {
+        let mut stream = tokio::net::TcpStream::connect(settings.metrics_addr).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await?;
+        anyhow::Ok(body)
+    };
+    let body = shop_tests::eventually(TIMEOUT, "metrics with the published events", || async {
+        let body = scrape().await.unwrap_or_default();
+        Ok(body
+            .contains("outbox_relay_published_total{event_type=\"test.v1.Counted\"} 6")
+            .then_some(body))
+    })
+    .await?;
+    for metric in [
+        "outbox_relay_pending_rows",
+        "outbox_relay_oldest_pending_age_seconds",
+        "outbox_relay_quarantined_rows",
+        "outbox_relay_partitions_owned 32",
+        "outbox_relay_commit_to_confirm_seconds_bucket",
+    ] {
+        assert!(body.contains(metric), "{metric} missing from:\n{body}");
+    }
+    Ok(())
+}

@@ -86,6 +86,7 @@ impl Setup {
         settings.exchange = self.exchange.clone();
         settings.source = "relay-test".into();
         settings.health_addr = "127.0.0.1:0".parse().unwrap();
+        settings.metrics_addr = "127.0.0.1:0".parse().unwrap();
         settings.poll_interval = Duration::from_millis(500);
         settings.rebalance_interval = Duration::from_millis(300);
         settings.retry_backoff = Duration::from_millis(50);
@@ -144,7 +145,10 @@ impl Setup {
             .env("OUTBOX_RELAY_BATCH_SIZE", settings.batch_size.to_string())
             .env("OUTBOX_RELAY_REBALANCE_INTERVAL", "300ms")
             .env("OUTBOX_RELAY_HEALTH_ADDR", "127.0.0.1:0")
-            .env("OUTBOX_RELAY_METRICS_ADDR", "127.0.0.1:0")
+            .env(
+                "OUTBOX_RELAY_METRICS_ADDR",
+                settings.metrics_addr.to_string(),
+            )
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(if std::env::var_os("TEST_LOG").is_some() {

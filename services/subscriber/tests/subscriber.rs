@@ -231,3 +231,29 @@ async fn a_message_arriving_before_what_it_depends_on_is_retried_until_it_applie
     assert!(rows[0].0 >= 2, "applied on a retry, attempt {}", rows[0].0);
     Ok(())
 }
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_the_handler_in_flight_and_acknowledges_it() -> Result<()> {
+    let setup = Setup::new().await?;
+    let recorder = Recorder::new(Mode::WaitForRelease);
+    let running = setup.start(&recorder).await?;
+    setup.publish(Uuid::now_v7(), "order-7").await?;
+    tokio::time::timeout(Duration::from_secs(30), recorder.wrote.notified()).await?;
+
+    // Shutdown begins while the handler is still working.
+    running.shutdown.cancel();
+    recorder.release.notify_one();
+    running.handle.await??;
+
+    assert_eq!(
+        setup.applied("order-7").await?.len(),
+        1,
+        "the handler's work was committed"
+    );
+    assert_eq!(
+        setup.ready_messages().await?,
+        0,
+        "and the message acknowledged, not returned"
+    );
+    Ok(())
+}

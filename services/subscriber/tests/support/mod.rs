@@ -38,6 +38,9 @@ pub enum Mode {
     AlwaysFail,
     /// Fails transiently until the order is in `known_orders`.
     NeedsKnownOrder,
+    /// Records the event, signals `wrote`, and finishes only once `release`
+    /// is notified.
+    WaitForRelease,
 }
 
 /// The test handler: writes one `applied` row per call, in the transaction.
@@ -46,6 +49,7 @@ pub struct Recorder {
     pub mode: Arc<Mutex<Mode>>,
     pub calls: Arc<AtomicU32>,
     pub wrote: Arc<Notify>,
+    pub release: Arc<Notify>,
 }
 
 impl Recorder {
@@ -54,6 +58,7 @@ impl Recorder {
             mode: Arc::new(Mutex::new(mode)),
             calls: Arc::new(AtomicU32::new(0)),
             wrote: Arc::new(Notify::new()),
+            release: Arc::new(Notify::new()),
         }
     }
 
@@ -100,6 +105,10 @@ impl EventHandler<OrderPlaced> for Recorder {
         if call == 1 && mode == Mode::HangAfterWriteOnce {
             self.wrote.notify_one();
             std::future::pending::<()>().await;
+        }
+        if mode == Mode::WaitForRelease {
+            self.wrote.notify_one();
+            self.release.notified().await;
         }
         if call == 1 && mode == Mode::PanicAfterWriteOnce {
             panic!("handler crashed after its write");
@@ -277,6 +286,24 @@ impl Setup {
         );
         conn.close(200, "OK".into()).await?;
         Ok(())
+    }
+
+    /// Messages ready in the work queue.
+    pub async fn ready_messages(&self) -> Result<u32> {
+        let conn = self.broker.connect().await?;
+        let channel = conn.create_channel().await?;
+        let queue = channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        conn.close(200, "OK".into()).await?;
+        Ok(queue.message_count())
     }
 
     /// Rows in `applied` for `order_id`: (attempt, redelivered).
