@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::Demo) = cli.command {
         return demo::run(addr(0), addr(1), addr(4), cli.decline_above_minor).await;
     }
-    shop_server::telemetry::init(false);
+    let _telemetry = shop_server::telemetry::init("shop-local", false)?;
     if let Some(addr) = cli.metrics_addr {
         shop_server::metrics::install_exporter(addr)?;
     }

@@ -18,13 +18,22 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 const TRACEPARENT: &str = "traceparent";
 
 /// A `tracing` layer that gives spans OpenTelemetry trace and span ids, so
-/// they can be propagated. It records nothing anywhere by itself; an
-/// exporter can be added to the provider it is built from.
+/// they can be propagated. It exports nothing; see [`layer_with`].
 pub fn layer<S>() -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
-    let provider = SdkTracerProvider::builder().build();
+    layer_with(SdkTracerProvider::builder().build())
+}
+
+/// Like [`layer`], with spans going to `provider` (and its exporters).
+/// The provider also becomes the global one.
+pub fn layer_with<S>(
+    provider: SdkTracerProvider,
+) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
     let tracer = provider.tracer("shop");
     opentelemetry::global::set_tracer_provider(provider);
     tracing_opentelemetry::layer().with_tracer(tracer)

@@ -5,7 +5,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = payment_service::Settings::parse();
-    shop_server::telemetry::init(settings.log_json);
+    let _telemetry = shop_server::telemetry::init("payment-service", settings.log_json)?;
     if let Some(addr) = settings.metrics_addr {
         shop_server::metrics::install_exporter(addr)?;
     }
