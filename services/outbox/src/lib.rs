@@ -48,8 +48,8 @@ pub struct EventContext {
     pub correlation_id: Option<Uuid>,
     /// Message id of the event that caused this one, if any.
     pub causation_id: Option<Uuid>,
-    /// W3C `traceparent` to carry when the writing code is not inside a
-    /// traced span; the current span's wins (see [`trace`]).
+    /// W3C `traceparent` the event carries; when `None`, the current
+    /// span's (see [`trace`]).
     pub traceparent: Option<String>,
 }
 
@@ -194,7 +194,12 @@ async fn insert(
     .bind(record.occurred_at)
     .bind(context.correlation_id)
     .bind(context.causation_id)
-    .bind(trace::current_traceparent().or_else(|| context.traceparent.clone()))
+    .bind(
+        context
+            .traceparent
+            .clone()
+            .or_else(trace::current_traceparent),
+    )
     .execute(conn)
     .await?;
     Ok(record)

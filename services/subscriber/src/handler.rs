@@ -37,8 +37,9 @@ impl Metadata {
     /// message, same trace (the handler's span is a child of the producer's;
     /// the producer's `traceparent` is the fallback outside a traced span).
     pub fn event_context(&self) -> EventContext {
-        EventContext::caused_by(self.message_id, self.correlation_id)
-            .with_traceparent(self.traceparent.clone())
+        EventContext::caused_by(self.message_id, self.correlation_id).with_traceparent(
+            shop_outbox::trace::current_traceparent().or_else(|| self.traceparent.clone()),
+        )
     }
 }
 
