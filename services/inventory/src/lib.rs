@@ -56,6 +56,8 @@ pub struct Settings {
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,
     #[command(flatten)]
+    pub tls: shop_server::grpc::TlsSettings,
+    #[command(flatten)]
     pub subscriber: SubscriberSettings,
 }
 
@@ -73,5 +75,6 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
         SERVICE_NAME,
         subscriber,
     )
-    .await
+    .await?
+    .with_tls(&settings.tls)
 }

@@ -113,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: addr(0),
         database_url: urls[0].clone(),
         metrics_addr: None,
+        tls: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -123,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: addr(1),
         database_url: urls[1].clone(),
         metrics_addr: None,
+        tls: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -134,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: urls[2].clone(),
         decline_above_minor: cli.decline_above_minor,
         metrics_addr: None,
+        tls: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -144,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: addr(3),
         database_url: urls[3].clone(),
         metrics_addr: None,
+        tls: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -154,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: addr(4),
         database_url: urls[4].clone(),
         metrics_addr: None,
+        tls: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })

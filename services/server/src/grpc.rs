@@ -2,12 +2,52 @@
 //! reflection (so `grpcurl list` works).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
+
+/// TLS for a gRPC server: both files, or neither for plaintext.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsSettings {
+    /// PEM certificate chain to serve gRPC over TLS; needs `--tls-key`.
+    #[arg(long, env = "GRPC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "GRPC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    /// Reads the certificate and key, if configured, so a bad path or file
+    /// stops the service at start-up with the file named.
+    pub fn load(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            anyhow::ensure!(
+                self.tls_cert.is_none() && self.tls_key.is_none(),
+                "--tls-cert and --tls-key go together"
+            );
+            return Ok(None);
+        };
+        install_crypto_provider();
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        Ok(Some(
+            tonic::transport::ServerTlsConfig::new().identity(identity),
+        ))
+    }
+}
+
+/// Makes aws-lc-rs the process's TLS provider, so TLS works however the
+/// workspace's crates configure rustls. Safe to call more than once.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
 
 /// Binds the gRPC listener (port 0 picks a free port).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -24,6 +64,7 @@ pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     service_names: &[&str],
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -66,7 +107,13 @@ pub async fn serve(
                 .await;
         }
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .context("the TLS certificate or key is not valid")?;
+    }
+    server
         .trace_fn(request_span)
         .layer(crate::metrics::GrpcMetricsLayer)
         .add_routes(routes)
@@ -98,13 +145,14 @@ pub async fn run_service(
     routes: Routes,
     service_names: &[&str],
     subscriber: Option<shop_subscriber::Subscriber>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // Both run inside this future (no detached tasks), so dropping it, as
     // a crash or an abort does, stops both.
     let stop_all = shutdown.child_token();
     let serving = async {
-        let served = serve(listener, routes, service_names, stop_all.clone()).await;
+        let served = serve(listener, routes, service_names, tls, stop_all.clone()).await;
         stop_all.cancel();
         served
     };

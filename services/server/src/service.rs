@@ -40,6 +40,7 @@ pub struct Service {
     routes: Routes,
     name: &'static str,
     subscriber: Subscriber,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Service {
@@ -60,7 +61,14 @@ impl Service {
             routes,
             name,
             subscriber,
+            tls: None,
         })
+    }
+
+    /// Serves over TLS when `tls` names a certificate and key; reads them now.
+    pub fn with_tls(mut self, tls: &crate::grpc::TlsSettings) -> anyhow::Result<Self> {
+        self.tls = tls.load()?;
+        Ok(self)
     }
 
     /// The bound gRPC address.
@@ -75,6 +83,7 @@ impl Service {
             self.routes,
             &[self.name],
             Some(self.subscriber),
+            self.tls,
             shutdown,
         )
         .await

@@ -99,6 +99,7 @@ impl System {
             grpc_addr: any,
             database_url: user_db.url.clone(),
             metrics_addr: None,
+            tls: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
         })
@@ -110,6 +111,7 @@ impl System {
             grpc_addr: any,
             database_url: inventory_db.url.clone(),
             metrics_addr: None,
+            tls: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
         })
@@ -121,6 +123,7 @@ impl System {
             grpc_addr: any,
             database_url: order_db.url.clone(),
             metrics_addr: None,
+            tls: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
         })
@@ -133,6 +136,7 @@ impl System {
             database_url: payment_db.url.clone(),
             decline_above_minor: DECLINE_ABOVE,
             metrics_addr: None,
+            tls: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
         };
@@ -145,6 +149,7 @@ impl System {
             grpc_addr: any,
             database_url: notification_db.url.clone(),
             metrics_addr: None,
+            tls: Default::default(),
             log_json: false,
             subscriber,
         })

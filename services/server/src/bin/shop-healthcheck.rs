@@ -1,5 +1,8 @@
 //! `shop-healthcheck`: asks a gRPC server for its health and exits 0 when it
 //! is SERVING, 1 otherwise. For container health checks and exec probes.
+//! With `GRPC_TLS_CA` naming a PEM file, it connects over TLS and trusts
+//! that issuer (the server name is `localhost` unless `GRPC_TLS_DOMAIN`
+//! says otherwise).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,7 +32,18 @@ async fn main() -> ExitCode {
 }
 
 async fn check(addr: &str, service: String) -> anyhow::Result<ServingStatus> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let endpoint = match std::env::var_os("GRPC_TLS_CA") {
+        Some(ca) => {
+            shop_server::grpc::install_crypto_provider();
+            let domain = std::env::var("GRPC_TLS_DOMAIN").unwrap_or_else(|_| "localhost".into());
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(ca)?))
+                .domain_name(domain);
+            tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?
+        }
+        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?,
+    };
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(2))
         .connect()

@@ -1,0 +1,88 @@
+//! gRPC over TLS: a server given a certificate and key serves only TLS, and
+//! a client trusting the certificate's issuer talks to it.
+
+use std::path::PathBuf;
+
+use shop_server::grpc::TlsSettings;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn write_temp(name: &str, contents: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{}-{name}", uuid::Uuid::new_v4()));
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_server_with_a_certificate_serves_tls_to_clients_that_trust_it() -> anyhow::Result<()> {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let cert_pem = certified.cert.pem();
+    let settings = TlsSettings {
+        tls_cert: Some(write_temp("cert.pem", &cert_pem)),
+        tls_key: Some(write_temp(
+            "key.pem",
+            &certified.signing_key.serialize_pem(),
+        )),
+    };
+    let tls = settings.load()?;
+    assert!(tls.is_some());
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(shop_server::grpc::serve(
+        listener,
+        tonic::service::Routes::default(),
+        &[],
+        tls,
+        shutdown.clone(),
+    ));
+
+    // The client side of this process uses the same TLS provider.
+    shop_server::grpc::install_crypto_provider();
+    let channel = Endpoint::from_shared(format!("https://localhost:{port}"))?
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&cert_pem)))?
+        .connect()
+        .await?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await?
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+
+    let plaintext = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect()
+        .await;
+    let refused = match plaintext {
+        Err(_) => true,
+        Ok(channel) => HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(
+        refused,
+        "a plaintext client got an answer from a TLS server"
+    );
+
+    shutdown.cancel();
+    server.await??;
+    Ok(())
+}
+
+#[test]
+fn a_missing_certificate_file_is_named_at_start_up() {
+    let settings = TlsSettings {
+        tls_cert: Some("/nonexistent/cert.pem".into()),
+        tls_key: Some("/nonexistent/key.pem".into()),
+    };
+    let error = settings.load().unwrap_err();
+    assert!(
+        format!("{error:#}").contains("/nonexistent/cert.pem"),
+        "{error:#}"
+    );
+}
