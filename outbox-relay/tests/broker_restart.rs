@@ -42,10 +42,24 @@ async fn broker_restart_mid_stream_loses_nothing() -> Result<()> {
             .iter()
             .map(|m| m.message_id())
             .collect();
+        let conn = setup.broker.connect().await?;
+        let channel = conn.create_channel().await?;
+        let waiting = channel
+            .queue_declare(
+                setup.queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
         anyhow::bail!(
-            "{error}: {} distinct events arrived, {} rows still unpublished",
+            "{error}: {} distinct events arrived, {} rows still unpublished, {} messages ready and {} consumers on the queue",
             distinct.len(),
-            setup.unpublished().await?
+            setup.unpublished().await?,
+            waiting.message_count(),
+            waiting.consumer_count()
         );
     }
     relay.stop().await?;

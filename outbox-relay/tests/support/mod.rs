@@ -340,9 +340,16 @@ async fn consume_until_error(
             FieldTable::default(),
         )
         .await?;
+    // The consumer stream does not always end when the connection drops;
+    // watch the connection too, so a restart never leaves this one stuck.
+    let mut watchdog = tokio::time::interval(Duration::from_millis(500));
     loop {
         let delivery = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
+            _ = watchdog.tick() => {
+                anyhow::ensure!(conn.status().connected() && channel.status().connected(), "connection lost");
+                continue;
+            }
             next = consumer.next() => match next {
                 Some(delivery) => delivery?,
                 None => anyhow::bail!("consumer cancelled"),

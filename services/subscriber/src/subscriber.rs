@@ -306,9 +306,18 @@ impl Subscriber {
             ));
         }
 
+        // The consumer stream does not always end when the connection
+        // drops, so the connection's state is watched as well.
+        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
             let delivery = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
+                _ = watchdog.tick() => {
+                    if conn.status().connected() && channel.status().connected() {
+                        continue;
+                    }
+                    break Err(anyhow::anyhow!("the connection to the broker was lost"));
+                }
                 next = consumer.next() => next,
             };
             match delivery {
