@@ -93,13 +93,6 @@ async fn start_containers() -> Result<Servers> {
 }
 
 impl Servers {
-    /// Stops and starts the RabbitMQ application, dropping every client
-    /// connection while durable queues and persistent messages survive.
-    pub async fn restart_broker(&self) -> Result<()> {
-        self.stop_broker().await?;
-        self.start_broker().await
-    }
-
     /// Stops the RabbitMQ application; clients lose their connections and
     /// cannot reconnect until [`Servers::start_broker`].
     pub async fn stop_broker(&self) -> Result<()> {
