@@ -83,6 +83,12 @@ pub struct RelaySettings {
     #[arg(long, env = "OUTBOX_RELAY_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
     pub batch_size: i64,
 
+    /// Batches published and awaiting their confirms at once. The next batch
+    /// is fetched and published while earlier ones wait for the broker;
+    /// batches in flight never share an aggregate.
+    #[arg(long, env = "OUTBOX_RELAY_PIPELINE_DEPTH", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub pipeline_depth: u16,
+
     /// How often to look for rows without a notification.
     #[arg(long, env = "OUTBOX_RELAY_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,

@@ -1,5 +1,8 @@
 //! Publishing outbox rows to RabbitMQ with publisher confirms.
 //!
+//! Several batches may be in flight on the one channel at once (the relay
+//! pipelines them); they never share an aggregate.
+//!
 //! A batch is published in waves: wave `k` holds the `k`-th row of every
 //! aggregate in the batch. Rows inside a wave are pipelined on one
 //! confirm-select channel; the next wave starts once the broker has confirmed
@@ -201,7 +204,7 @@ impl Publisher {
     }
 
     /// Closes the channel and connection after outstanding confirms.
-    pub async fn close(self) {
+    pub async fn close(&self) {
         let _ = self.channel.wait_for_confirms().await;
         let _ = self.channel.close(200, "OK".into()).await;
         let _ = self.connection.close(200, "OK".into()).await;

@@ -11,6 +11,7 @@
 //! a backoff. Rows confirmed but not yet marked are published again, which is
 //! the "at least once" in the guarantee.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
@@ -28,7 +30,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::RelaySettings;
 use crate::lease::{LEASE_APPLICATION_NAME, Leases};
-use crate::publisher::Publisher;
+use crate::publisher::{BatchOutcome, PublishError, Publisher};
 use crate::{store, sweeper};
 
 /// NOTIFY channel of the outbox trigger.
@@ -90,7 +92,7 @@ impl Relay {
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(health_listener),
+                    health_incoming(health_listener),
                     health_shutdown.clone().cancelled_owned(),
                 ),
         );
@@ -159,6 +161,15 @@ impl Relay {
     }
 }
 
+/// The accepted connections of the health endpoint: `TCP_NODELAY` on, so
+/// probes are answered at once rather than after the client's delayed ACK,
+/// and TCP keepalive on.
+pub fn health_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
+}
+
 /// The publishing side of a relay instance.
 #[derive(Debug)]
 struct Worker {
@@ -204,6 +215,7 @@ impl Worker {
             .set_service_status("", ServingStatus::Serving)
             .await;
 
+        let publisher = Arc::new(publisher);
         let mut leases = Leases::new(partition_count);
         match self
             .publish_loop(&mut conn, &publisher, &mut leases, wake, shutdown)
@@ -225,52 +237,118 @@ impl Worker {
     async fn publish_loop(
         &self,
         conn: &mut PgConnection,
-        publisher: &Publisher,
+        publisher: &Arc<Publisher>,
         leases: &mut Leases,
         wake: &Notify,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let settings = &self.settings;
+        let depth = usize::from(settings.pipeline_depth);
+        let mut pipeline = Pipeline::default();
+        let mut idle = Idle::new(settings.listen);
+        store::forget_dead_listeners(conn)
+            .await
+            .context("failed to clean up the listeners of dead relays")?;
         let mut next_rebalance = Instant::now();
-        while !shutdown.is_cancelled() {
-            if Instant::now() >= next_rebalance {
+        // Whether rows may be waiting: set by a full batch, a finished
+        // batch (its aggregates may have more), a notification or a poll.
+        let mut fetch = true;
+        loop {
+            let stopping = shutdown.is_cancelled();
+            if stopping && pipeline.is_empty() {
+                break;
+            }
+            // Leases change only with nothing in flight, so a partition is
+            // never given away while its rows are being published.
+            let rebalance_due = Instant::now() >= next_rebalance;
+            if rebalance_due && pipeline.is_empty() && !stopping {
                 leases
                     .rebalance(conn)
                     .await
                     .context("failed to rebalance partitions")?;
                 next_rebalance = Instant::now() + settings.rebalance_interval;
+                if idle.armed {
+                    idle.arm(conn, &leases.owned()).await?;
+                }
+                fetch = true;
             }
 
+            // Fill the pipeline.
             let owned = leases.owned();
-            let mut more = false;
-            if !owned.is_empty() {
-                let rows = store::fetch_pending(conn, &owned, settings.batch_size)
-                    .await
-                    .context("failed to fetch pending rows")?;
-                if !rows.is_empty() {
-                    let outcome = publisher
-                        .publish_batch(&rows)
+            let mut found = None;
+            while fetch
+                && !stopping
+                && Instant::now() < next_rebalance
+                && pipeline.len() < depth
+                && !owned.is_empty()
+            {
+                let busy = pipeline.busy_aggregates();
+                let rows =
+                    store::fetch_pending(conn, &owned, settings.batch_size, (&busy.0, &busy.1))
                         .await
-                        .context("failed to publish")?;
-                    store::mark_published(conn, &outcome.published)
-                        .await
-                        .context("failed to mark rows published")?;
-                    if !outcome.failed.is_empty() {
-                        self.record_failures(conn, &outcome.failed).await?;
+                        .context("failed to fetch pending rows")?;
+                fetch = rows.len() as i64 == settings.batch_size;
+                if rows.is_empty() {
+                    found.get_or_insert(false);
+                    break;
+                }
+                found = Some(true);
+                pipeline.start(publisher, rows);
+            }
+            idle.after_fill(conn, found).await?;
+
+            // Wait for a batch to finish, a notification or a timer.
+            let deadline = if pipeline.is_empty() {
+                idle.deadline(settings.poll_interval).min(next_rebalance)
+            } else {
+                next_rebalance.max(Instant::now() + Duration::from_millis(1))
+            };
+            tokio::select! {
+                _ = shutdown.cancelled(), if !stopping => {}
+                finished = pipeline.next_finished(), if !pipeline.is_empty() => {
+                    let mut outcomes = vec![finished?];
+                    while let Some(more) = pipeline.try_next_finished() {
+                        outcomes.push(more?);
                     }
-                    more =
-                        rows.len() as i64 == settings.batch_size && !outcome.published.is_empty();
+                    self.settle(conn, outcomes).await?;
+                    fetch = true;
+                }
+                _ = wake.notified() => fetch = true,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if pipeline.is_empty()
+                        && idle.on_timer(conn, &owned, settings.poll_interval).await?
+                    {
+                        fetch = true;
+                    }
                 }
             }
-            if more {
-                continue;
-            }
-            let wait_until = (Instant::now() + settings.poll_interval).min(next_rebalance);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep_until(wait_until) => {}
-            }
+        }
+        if idle.armed {
+            store::disarm(conn).await.context("failed to disarm")?;
+        }
+        Ok(())
+    }
+
+    /// Marks the confirmed rows of finished batches, in one statement, and
+    /// records their failures.
+    async fn settle(
+        &self,
+        conn: &mut PgConnection,
+        outcomes: Vec<BatchOutcome>,
+    ) -> anyhow::Result<()> {
+        let published: Vec<i64> = outcomes
+            .iter()
+            .flat_map(|outcome| outcome.published.iter().copied())
+            .collect();
+        store::mark_published(conn, &published)
+            .await
+            .context("failed to mark rows published")?;
+        let failed: Vec<store::Failure> = outcomes
+            .into_iter()
+            .flat_map(|outcome| outcome.failed)
+            .collect();
+        if !failed.is_empty() {
+            self.record_failures(conn, &failed).await?;
         }
         Ok(())
     }
@@ -298,6 +376,206 @@ impl Worker {
             tracing::error!(row, "outbox row quarantined after too many failed attempts");
         }
         Ok(())
+    }
+}
+
+/// A batch the broker has confirmed (or failed row by row), with the
+/// aggregates it held.
+type Published = (Vec<(String, String)>, BatchOutcome);
+
+/// Batches published and awaiting their confirms, and the aggregates they
+/// hold (no two batches in flight share an aggregate).
+#[derive(Debug, Default)]
+struct Pipeline {
+    tasks: JoinSet<Result<Published, PublishError>>,
+    busy: HashSet<(String, String)>,
+}
+
+impl Pipeline {
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// The aggregates in flight, as parallel arrays of types and ids.
+    fn busy_aggregates(&self) -> (Vec<String>, Vec<String>) {
+        self.busy.iter().cloned().unzip()
+    }
+
+    /// Publishes `rows` in the background.
+    fn start(&mut self, publisher: &Arc<Publisher>, rows: Vec<store::PendingRow>) {
+        let aggregates: Vec<(String, String)> = rows
+            .iter()
+            .map(|row| (row.aggregate_type.clone(), row.aggregate_id.clone()))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        self.busy.extend(aggregates.iter().cloned());
+        let publisher = publisher.clone();
+        self.tasks.spawn(async move {
+            let outcome = publisher.publish_batch(&rows).await?;
+            Ok((aggregates, outcome))
+        });
+    }
+
+    /// Waits for the next batch to be confirmed. Cancel-safe.
+    async fn next_finished(&mut self) -> anyhow::Result<BatchOutcome> {
+        match self.tasks.join_next().await {
+            Some(finished) => self.finish(finished),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A batch already confirmed, if any.
+    fn try_next_finished(&mut self) -> Option<anyhow::Result<BatchOutcome>> {
+        self.tasks
+            .try_join_next()
+            .map(|finished| self.finish(finished))
+    }
+
+    fn finish(
+        &mut self,
+        finished: Result<Result<Published, PublishError>, tokio::task::JoinError>,
+    ) -> anyhow::Result<BatchOutcome> {
+        let (aggregates, outcome) = finished
+            .context("a publishing task failed")?
+            .context("failed to publish")?;
+        for aggregate in &aggregates {
+            self.busy.remove(aggregate);
+        }
+        Ok(outcome)
+    }
+}
+
+/// When writers must wake this relay.
+///
+/// A relay that keeps finding rows does not need notifications, and every
+/// notifying commit takes a database-wide lock, so a busy relay is disarmed:
+/// writers do not notify it and it fetches again as soon as a batch is out.
+/// Once it finds nothing, it looks again after 1, 2, 4 and 8 ms; still
+/// nothing, it arms itself (see [`store::arm`]) and sleeps until a
+/// notification or the poll interval. Right after arming it fetches once
+/// more, and once again when the transactions that were in progress at
+/// arming have ended, so a commit that raced the arming is not left for the
+/// poll.
+#[derive(Debug)]
+struct Idle {
+    listen: bool,
+    armed: bool,
+    /// Empty fetches in a row while disarmed.
+    lingered: u32,
+    /// Fetches in a row that found rows.
+    busy_streak: u32,
+    /// Transactions in progress when the relay armed, not yet seen ended.
+    racing: Vec<i64>,
+    racing_since: Instant,
+    racing_check: Duration,
+}
+
+/// Empty fetches a disarmed relay makes (after 1, 2, 4, 8 ms) before arming.
+const LINGER_STEPS: u32 = 4;
+
+impl Idle {
+    fn new(listen: bool) -> Self {
+        Self {
+            listen,
+            armed: false,
+            lingered: 0,
+            busy_streak: 0,
+            racing: Vec::new(),
+            racing_since: Instant::now(),
+            racing_check: Duration::from_millis(1),
+        }
+    }
+
+    async fn arm(&mut self, conn: &mut PgConnection, partitions: &[i32]) -> anyhow::Result<()> {
+        self.racing = store::arm(conn, partitions)
+            .await
+            .context("failed to arm for notifications")?;
+        self.racing_since = Instant::now();
+        self.racing_check = Duration::from_millis(1);
+        self.armed = true;
+        Ok(())
+    }
+
+    /// Updates the state after filling the pipeline; `found` says whether
+    /// the fetches found rows (`None`: there was no fetch).
+    async fn after_fill(
+        &mut self,
+        conn: &mut PgConnection,
+        found: Option<bool>,
+    ) -> anyhow::Result<()> {
+        let Some(found) = found else {
+            return Ok(());
+        };
+        if !self.listen {
+            return Ok(());
+        }
+        if found {
+            self.lingered = 0;
+            self.busy_streak += 1;
+            if self.armed && self.busy_streak >= 2 {
+                store::disarm(conn).await.context("failed to disarm")?;
+                self.armed = false;
+                self.racing.clear();
+            }
+        } else {
+            self.busy_streak = 0;
+        }
+        Ok(())
+    }
+
+    /// When an idle relay should look again without a notification.
+    fn deadline(&self, poll_interval: Duration) -> Instant {
+        let now = Instant::now();
+        if !self.listen {
+            return now + poll_interval;
+        }
+        if !self.armed {
+            return now + Duration::from_millis(1 << self.lingered.min(LINGER_STEPS));
+        }
+        if !self.racing.is_empty() {
+            return now + self.racing_check.min(poll_interval);
+        }
+        now + poll_interval
+    }
+
+    /// The idle timer fired; returns whether to fetch again. A disarmed
+    /// relay that lingered long enough arms here.
+    async fn on_timer(
+        &mut self,
+        conn: &mut PgConnection,
+        partitions: &[i32],
+        poll_interval: Duration,
+    ) -> anyhow::Result<bool> {
+        if !self.listen || self.busy_streak > 0 {
+            return Ok(true);
+        }
+        if !self.armed {
+            self.lingered += 1;
+            if self.lingered >= LINGER_STEPS {
+                self.arm(conn, partitions).await?;
+            }
+            return Ok(true);
+        }
+        if !self.racing.is_empty() {
+            // A transaction that stays open longer than the poll interval
+            // is left to the poll.
+            if self.racing_since.elapsed() >= poll_interval
+                || store::all_finished(conn, &self.racing)
+                    .await
+                    .context("failed to check transactions")?
+            {
+                self.racing.clear();
+            } else {
+                self.racing_check = (self.racing_check * 2).min(Duration::from_millis(100));
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -41,14 +41,18 @@ pub async fn partition_count(conn: &mut PgConnection) -> sqlx::Result<i32> {
         .await
 }
 
-/// The oldest pending rows of the given partitions, in publication order.
+/// The oldest pending rows of the given partitions, in publication order,
+/// leaving out the aggregates in `busy` (parallel arrays of aggregate types
+/// and ids whose earlier rows are still being published).
 ///
-/// A row is left out while an earlier row of its aggregate is quarantined or
-/// waiting for a retry, so an aggregate's events never overtake each other.
+/// A row is also left out while an earlier row of its aggregate is
+/// quarantined or waiting for a retry, so an aggregate's events never
+/// overtake each other.
 pub async fn fetch_pending(
     conn: &mut PgConnection,
     partitions: &[i32],
     limit: i64,
+    busy: (&[String], &[String]),
 ) -> sqlx::Result<Vec<PendingRow>> {
     sqlx::query_as(
         "SELECT o.id, o.message_id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload, \
@@ -57,6 +61,8 @@ pub async fn fetch_pending(
          FROM outbox o \
          WHERE o.published_at IS NULL \
            AND o.partition = ANY($1) \
+           AND (o.aggregate_type, o.aggregate_id) NOT IN ( \
+               SELECT t, i FROM unnest($3::text[], $4::text[]) AS busy(t, i)) \
            AND NOT EXISTS ( \
                SELECT 1 FROM outbox b \
                WHERE b.published_at IS NULL \
@@ -70,7 +76,60 @@ pub async fn fetch_pending(
     )
     .bind(partitions)
     .bind(limit)
+    .bind(busy.0)
+    .bind(busy.1)
     .fetch_all(conn)
+    .await
+}
+
+/// Arms this session as an idle relay waiting for rows of `partitions`:
+/// from now on, writers to those partitions send `NOTIFY outbox`. Returns
+/// the transactions in progress once the arming was visible; a writer that
+/// checked before then is one of them (see [`all_finished`]).
+pub async fn arm(conn: &mut PgConnection, partitions: &[i32]) -> sqlx::Result<Vec<i64>> {
+    sqlx::query(
+        "INSERT INTO outbox_listener (pid, partitions) VALUES (pg_backend_pid(), $1) \
+         ON CONFLICT (pid) DO UPDATE SET partitions = $1, armed_at = now()",
+    )
+    .bind(partitions)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query_scalar(
+        "SELECT coalesce(array_agg(x::text::bigint), '{}') \
+         FROM pg_snapshot_xip(pg_current_snapshot()) AS x",
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// Disarms this session: writers stop notifying it.
+pub async fn disarm(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM outbox_listener WHERE pid = pg_backend_pid()")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Forgets listeners whose sessions are gone (a relay that died armed would
+/// otherwise make writers notify for nothing).
+pub async fn forget_dead_listeners(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query(
+        "DELETE FROM outbox_listener \
+         WHERE pid NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)",
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Whether every one of the transactions `xids` has committed or aborted.
+pub async fn all_finished(conn: &mut PgConnection, xids: &[i64]) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM unnest($1::bigint[]) AS x \
+                            WHERE pg_xact_status(x::text::xid8) = 'in progress')",
+    )
+    .bind(xids)
+    .fetch_one(conn)
     .await
 }
 

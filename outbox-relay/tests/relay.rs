@@ -357,3 +357,91 @@ async fn the_relay_binary_serves_its_metrics_for_prometheus() -> Result<()> {
     }
     Ok(())
 }
+
+/// Settings under which only a notification can wake an idle relay: its
+/// poll and rebalance timers are an hour away.
+fn settings_without_polling(setup: &Setup) -> outbox_relay::RelaySettings {
+    let mut settings = setup.settings();
+    settings.poll_interval = Duration::from_secs(3600);
+    settings.rebalance_interval = Duration::from_secs(3600);
+    settings
+}
+
+#[tokio::test]
+async fn an_idle_relay_is_woken_by_every_commit_whenever_it_lands() -> Result<()> {
+    let setup = Setup::new().await?;
+    let collector = setup.consume();
+    let relay = RunningRelay::start(settings_without_polling(&setup)).await?;
+
+    // Each event alone, at a random moment after the previous one arrived:
+    // before, during and after the relay arms itself for notifications.
+    // Were any commit left unannounced, it would wait an hour for the poll.
+    let events = 60;
+    for n in 0..events {
+        let gap = rand::random_range(0..40);
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        let mut tx = setup.db.pool.begin().await?;
+        insert_event(&mut tx, "agg-0", n, Vec::new()).await?;
+        tx.commit().await?;
+        collector
+            .wait_for_distinct(n + 1, Duration::from_secs(30))
+            .await?;
+    }
+    relay.stop().await?;
+    assert_complete_and_in_order(&collector.received(), 1, events);
+    Ok(())
+}
+
+#[tokio::test]
+async fn writers_do_not_notify_a_relay_that_is_busy_publishing() -> Result<()> {
+    let setup = Setup::new().await?;
+    let collector = setup.consume();
+    let relay = RunningRelay::start(setup.settings()).await?;
+    // Let the relay settle into waiting for notifications.
+    let mut tx = setup.db.pool.begin().await?;
+    insert_event(&mut tx, "warm-up", 0, Vec::new()).await?;
+    tx.commit().await?;
+    collector.wait_for_distinct(1, TIMEOUT).await?;
+
+    let mut listener = sqlx::postgres::PgListener::connect(&setup.db.url).await?;
+    listener.listen("outbox").await?;
+    let (writers, per_writer) = (4, 300);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let pool = setup.db.pool.clone();
+        tasks.spawn(async move {
+            for n in 0..per_writer {
+                let mut tx = pool.begin().await?;
+                insert_event(&mut tx, &format!("agg-{w}"), n, Vec::new()).await?;
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(written) = tasks.join_next().await {
+        written??;
+    }
+    collector
+        .wait_for_distinct(1 + writers * per_writer, TIMEOUT)
+        .await?;
+    let mut notifications = 0;
+    while let Ok(Ok(Some(_))) =
+        tokio::time::timeout(Duration::from_millis(200), listener.try_recv()).await
+    {
+        notifications += 1;
+    }
+    relay.stop().await?;
+
+    let commits = writers * per_writer;
+    assert!(
+        notifications * 4 < commits,
+        "{notifications} notifications for {commits} commits: writers kept notifying a busy relay"
+    );
+    let received: Vec<_> = collector
+        .received()
+        .into_iter()
+        .filter(|m| m.aggregate_and_seq().0 != "warm-up")
+        .collect();
+    assert_complete_and_in_order(&received, writers, per_writer);
+    Ok(())
+}

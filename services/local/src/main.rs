@@ -114,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: urls[0].clone(),
         metrics_addr: None,
         tls: Default::default(),
+        pool: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -125,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: urls[1].clone(),
         metrics_addr: None,
         tls: Default::default(),
+        pool: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -137,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         decline_above_minor: cli.decline_above_minor,
         metrics_addr: None,
         tls: Default::default(),
+        pool: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -148,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: urls[3].clone(),
         metrics_addr: None,
         tls: Default::default(),
+        pool: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })
@@ -159,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: urls[4].clone(),
         metrics_addr: None,
         tls: Default::default(),
+        pool: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
     })

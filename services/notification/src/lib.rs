@@ -56,6 +56,8 @@ pub struct Settings {
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,
     #[command(flatten)]
+    pub pool: shop_server::database::PoolSettings,
+    #[command(flatten)]
     pub tls: shop_server::grpc::TlsSettings,
     #[command(flatten)]
     pub subscriber: SubscriberSettings,
@@ -64,9 +66,13 @@ pub struct Settings {
 /// Binds the gRPC address, connects to and migrates the database, and
 /// declares the subscriber's queues: the service, ready to run.
 pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
-    let foundation =
-        shop_server::service::prepare(settings.grpc_addr, &settings.database_url, &migrator())
-            .await?;
+    let foundation = shop_server::service::prepare(
+        settings.grpc_addr,
+        &settings.database_url,
+        &settings.pool,
+        &migrator(),
+    )
+    .await?;
     let subscriber = events::subscriber(
         settings.subscriber,
         foundation.pool.clone(),
@@ -77,7 +83,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
         foundation.listener,
         tonic::service::Routes::new(api),
         SERVICE_NAME,
-        subscriber,
+        [subscriber],
     )
     .await?
     .with_tls(&settings.tls)

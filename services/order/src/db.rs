@@ -180,21 +180,25 @@ pub async fn set_status(
     crate::watch::announce(conn, id).await
 }
 
-/// Adds a saga step to an order's history (once per message).
+/// Adds a saga step to an order's history (once per message), at the time
+/// the event occurred (now, if it is not known). Steps are ordered by that
+/// time, so they read in saga order however late each event was handled.
 pub async fn add_history(
     conn: &mut PgConnection,
     order_id: Uuid,
     message_id: Uuid,
     event_type: &str,
+    occurred_at: Option<DateTime<Utc>>,
     detail: &str,
 ) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO order_history (order_id, message_id, event_type, occurred_at, detail) \
-         VALUES ($1, $2, $3, clock_timestamp(), $4) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, $3, coalesce($4, clock_timestamp()), $5) ON CONFLICT DO NOTHING",
     )
     .bind(order_id)
     .bind(message_id)
     .bind(event_type)
+    .bind(occurred_at)
     .bind(detail)
     .execute(conn)
     .await?;

@@ -18,20 +18,28 @@ use uuid::Uuid;
 use crate::db;
 use crate::domain::{CANCELLED, CONFIRMED, PENDING, Price};
 
-/// The order service's subscriber on queue `order.events`.
-pub fn subscriber(settings: SubscriberSettings, pool: PgPool) -> Subscriber {
-    Subscriber::builder(crate::CONSUMER, "order.events", settings)
+/// The order service's subscribers, each on its own queue, so the saga's
+/// verdicts never wait behind bookkeeping:
+/// - `order.events`: the verdicts that move an order (PaymentSucceeded,
+///   PaymentFailed, InventoryReservationFailed) and the catalog and
+///   customer replicas;
+/// - `order.history`: the steps that only add to an order's history.
+pub fn subscribers(settings: SubscriberSettings, pool: PgPool) -> [Subscriber; 2] {
+    let verdicts = Subscriber::builder(crate::CONSUMER, "order.events", settings.clone())
         .on::<ProductCreated, _>(Catalog)
         .on::<ProductPriceChanged, _>(Catalog)
         .on::<UserRegistered, _>(Catalog)
         .on::<PaymentSucceeded, _>(Saga)
         .on::<PaymentFailed, _>(Saga)
         .on::<InventoryReservationFailed, _>(Saga)
+        .build(pool.clone());
+    let history = Subscriber::builder(crate::HISTORY_CONSUMER, "order.history", settings)
         .on::<InventoryReserved, _>(Saga)
         .on::<InventoryReleased, _>(Saga)
         .on::<InventoryCommitted, _>(Saga)
         .on::<NotificationSent, _>(Saga)
-        .build(pool)
+        .build(pool);
+    [verdicts, history]
 }
 
 fn uuid(field: &str, value: &str) -> Result<Uuid, HandlerError> {
@@ -138,8 +146,9 @@ pub async fn confirm(
     db::add_history(
         conn,
         order_id,
-        record,
+        record.message_id,
         "shop.events.v1.OrderConfirmed",
+        Some(record.occurred_at),
         "order confirmed",
     )
     .await?;
@@ -174,8 +183,9 @@ pub async fn cancel(
     db::add_history(
         conn,
         order_id,
-        record,
+        record.message_id,
         "shop.events.v1.OrderCancelled",
+        Some(record.occurred_at),
         &format!("order cancelled: {detail}"),
     )
     .await?;
@@ -187,11 +197,9 @@ async fn emit<E: prost::Message + prost::Name>(
     order_id: Uuid,
     event: &E,
     context: &EventContext,
-) -> Result<Uuid, HandlerError> {
+) -> Result<shop_outbox::OutboxRecord, HandlerError> {
     let key = order_id.to_string();
-    let record =
-        shop_outbox::enqueue_on(conn, Aggregate::new("order", &key), event, context).await?;
-    Ok(record.message_id)
+    Ok(shop_outbox::enqueue_on(conn, Aggregate::new("order", &key), event, context).await?)
 }
 
 /// Now as a protobuf timestamp.
@@ -215,7 +223,15 @@ async fn history(
             "order {order_id} is not known"
         )));
     }
-    db::add_history(tx, order_id, meta.message_id, &meta.event_type, detail).await?;
+    db::add_history(
+        tx,
+        order_id,
+        meta.message_id,
+        &meta.event_type,
+        meta.occurred_at,
+        detail,
+    )
+    .await?;
     Ok(order_id)
 }
 

@@ -199,6 +199,7 @@ impl OrderService for Orders {
             order.id,
             record.message_id,
             "shop.events.v1.OrderPlaced",
+            Some(record.occurred_at),
             "order placed",
         )
         .await

@@ -20,8 +20,11 @@ use clap::Parser;
 use shop_proto::order::v1::order_service_server::{OrderServiceServer, SERVICE_NAME};
 use shop_subscriber::SubscriberSettings;
 
-/// Name of this service's consumer (inbox key) and the prefix of its queues.
+/// Name of this service's consumer of saga verdicts and replica updates
+/// (inbox key).
 pub const CONSUMER: &str = "order";
+/// Name of this service's consumer of history-only events (inbox key).
+pub const HISTORY_CONSUMER: &str = "order-history";
 
 /// Migrations of this service's database: outbox, inbox, then its own.
 pub fn migrator() -> sqlx::migrate::Migrator {
@@ -55,6 +58,8 @@ pub struct Settings {
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,
     #[command(flatten)]
+    pub pool: shop_server::database::PoolSettings,
+    #[command(flatten)]
     pub tls: shop_server::grpc::TlsSettings,
     #[command(flatten)]
     pub subscriber: SubscriberSettings,
@@ -63,10 +68,14 @@ pub struct Settings {
 /// Binds the gRPC address, connects to and migrates the database, and
 /// declares the subscriber's queues: the service, ready to run.
 pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
-    let foundation =
-        shop_server::service::prepare(settings.grpc_addr, &settings.database_url, &migrator())
-            .await?;
-    let subscriber = events::subscriber(settings.subscriber, foundation.pool.clone());
+    let foundation = shop_server::service::prepare(
+        settings.grpc_addr,
+        &settings.database_url,
+        &settings.pool,
+        &migrator(),
+    )
+    .await?;
+    let subscribers = events::subscribers(settings.subscriber, foundation.pool.clone());
     let api = OrderServiceServer::new(grpc::Orders::new(
         foundation.pool.clone(),
         watch::StatusChanges::start(foundation.pool),
@@ -75,7 +84,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
         foundation.listener,
         tonic::service::Routes::new(api),
         SERVICE_NAME,
-        subscriber,
+        subscribers,
     )
     .await?
     .with_tls(&settings.tls)

@@ -3,11 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 /// TLS for a gRPC server: both files, or neither for plaintext.
@@ -47,6 +49,20 @@ impl TlsSettings {
 /// workspace's crates configure rustls. Safe to call more than once.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// How long an idle accepted connection waits before TCP keepalive probes
+/// start, so a peer that vanished without closing is noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The accepted connections of `listener`, configured for RPC traffic:
+/// `TCP_NODELAY` on (without it, Nagle's algorithm holds small responses
+/// back until the client's delayed ACK, some 40 ms per call) and TCP
+/// keepalive on.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE))
 }
 
 /// Binds the gRPC listener (port 0 picks a free port).
@@ -117,10 +133,7 @@ pub async fn serve(
         .trace_fn(request_span)
         .layer(crate::metrics::GrpcMetricsLayer)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            stopping,
-        )
+        .serve_with_incoming_shutdown(incoming(listener), stopping)
         .await
         .context("gRPC server failed")
 }
@@ -137,14 +150,14 @@ fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
     span
 }
 
-/// Runs a service: its gRPC API (with health and reflection) and, if it has
-/// one, its event subscriber, until `shutdown`. If either stops with an
-/// error, the other is stopped too.
+/// Runs a service: its gRPC API (with health and reflection) and its event
+/// subscribers, until `shutdown`. If any part stops with an error, the
+/// others are stopped too.
 pub async fn run_service(
     listener: TcpListener,
     routes: Routes,
     service_names: &[&str],
-    subscriber: Option<shop_subscriber::Subscriber>,
+    subscribers: Vec<shop_subscriber::Subscriber>,
     tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -157,10 +170,19 @@ pub async fn run_service(
         served
     };
     let consuming = async {
-        match subscriber {
-            Some(subscriber) => subscriber.run_until_stopped(stop_all.clone()).await,
-            None => Ok(()),
-        }
+        let results =
+            futures_util::future::join_all(subscribers.into_iter().map(|subscriber| async {
+                let consumed = subscriber.run_until_stopped(stop_all.clone()).await;
+                if consumed.is_err() {
+                    stop_all.cancel();
+                }
+                consumed
+            }))
+            .await;
+        results
+            .into_iter()
+            .collect::<anyhow::Result<Vec<()>>>()
+            .map(drop)
     };
     let (served, consumed) = tokio::join!(serving, consuming);
     served.and(consumed)

@@ -21,14 +21,15 @@ pub struct Foundation {
 }
 
 /// Binds `grpc_addr` (port 0 picks a free port), connects to the database
-/// and applies `migrator`.
+/// with a pool sized by `pool` and applies `migrator`.
 pub async fn prepare(
     grpc_addr: SocketAddr,
     database_url: &str,
+    pool: &crate::database::PoolSettings,
     migrator: &Migrator,
 ) -> anyhow::Result<Foundation> {
     let listener = crate::grpc::bind(grpc_addr).await?;
-    let pool = crate::database::connect_and_migrate(database_url, migrator).await?;
+    let pool = crate::database::connect_and_migrate(database_url, pool, migrator).await?;
     Ok(Foundation { listener, pool })
 }
 
@@ -39,28 +40,32 @@ pub struct Service {
     addr: SocketAddr,
     routes: Routes,
     name: &'static str,
-    subscriber: Subscriber,
+    subscribers: Vec<Subscriber>,
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Service {
     /// Assembles a service serving `routes` (whose gRPC service is `name`)
-    /// and consuming with `subscriber`, whose queues are declared now so
-    /// that events published before the first run are kept.
+    /// and consuming with `subscribers` (each on its own queue), whose
+    /// queues are declared now so that events published before the first
+    /// run are kept.
     pub async fn new(
         listener: TcpListener,
         routes: Routes,
         name: &'static str,
-        subscriber: Subscriber,
+        subscribers: impl IntoIterator<Item = Subscriber>,
     ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
-        subscriber.declare().await?;
+        let subscribers: Vec<Subscriber> = subscribers.into_iter().collect();
+        for subscriber in &subscribers {
+            subscriber.declare().await?;
+        }
         Ok(Self {
             listener,
             addr,
             routes,
             name,
-            subscriber,
+            subscribers,
             tls: None,
         })
     }
@@ -82,7 +87,7 @@ impl Service {
             self.listener,
             self.routes,
             &[self.name],
-            Some(self.subscriber),
+            self.subscribers,
             self.tls,
             shutdown,
         )

@@ -21,6 +21,9 @@ pub struct Metadata {
     pub aggregate_type: Option<String>,
     /// Id of that aggregate, if the producer said.
     pub aggregate_id: Option<String>,
+    /// When the producer wrote the event (the CloudEvents `time`), if it
+    /// said.
+    pub occurred_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Correlation id of the business flow, if any.
     pub correlation_id: Option<Uuid>,
     /// W3C trace context of the producer's span, if any.

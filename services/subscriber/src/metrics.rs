@@ -5,3 +5,5 @@
 pub const MESSAGES: &str = "subscriber_messages_total";
 /// Time spent in handlers, by consumer and event type, in seconds (histogram).
 pub const HANDLER_SECONDS: &str = "subscriber_handler_seconds";
+/// Deliveries applied per committed batch, by consumer (histogram).
+pub const BATCH_SIZE: &str = "subscriber_batch_size";

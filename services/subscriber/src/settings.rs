@@ -31,13 +31,22 @@ pub struct SubscriberSettings {
     #[arg(long, env = "SUBSCRIBER_QUEUE_KIND", value_enum, default_value_t = QueueKind::Quorum)]
     pub queue_kind: QueueKind,
 
-    /// Unacknowledged deliveries the broker may send ahead.
-    #[arg(long, env = "SUBSCRIBER_PREFETCH", default_value_t = 32)]
+    /// Unacknowledged deliveries the broker may send ahead; enough to keep
+    /// every lane's batches full.
+    #[arg(long, env = "SUBSCRIBER_PREFETCH", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
-    /// Handlers running at once (each on its own aggregates).
-    #[arg(long, env = "SUBSCRIBER_CONCURRENCY", default_value_t = 4)]
+    /// Lanes applying deliveries at once (each on its own aggregates); each
+    /// holds one database connection while it applies.
+    #[arg(long, env = "SUBSCRIBER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
+
+    /// Most deliveries a lane applies in one transaction (one inbox row per
+    /// message, one commit, acknowledgements after it). A lane takes what
+    /// has already arrived and never waits to fill a batch; 1 applies each
+    /// message on its own.
+    #[arg(long, env = "SUBSCRIBER_BATCH_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub batch_size: u16,
 
     /// Attempts before a failing message goes to the dead-letter queue.
     #[arg(long, env = "SUBSCRIBER_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]

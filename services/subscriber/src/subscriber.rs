@@ -378,32 +378,180 @@ async fn run_lane(
     mut deliveries: mpsc::Receiver<Delivery>,
     shutdown: CancellationToken,
 ) {
-    while let Some(delivery) = deliveries.recv().await {
+    let batch_size = usize::from(inner.settings.batch_size.max(1));
+    while let Some(first) = deliveries.recv().await {
+        // Whatever else has already arrived joins the batch; a lane never
+        // waits to fill one.
+        let mut batch = vec![first];
+        while batch.len() < batch_size {
+            match deliveries.try_recv() {
+                Ok(delivery) => batch.push(delivery),
+                Err(_) => break,
+            }
+        }
+        if batch.len() > 1 {
+            match inner.apply_batch(&publisher, &batch).await {
+                BatchResult::Settled => continue,
+                BatchResult::Stopped => return,
+                BatchResult::OneByOne => {}
+            }
+        }
+        for delivery in &batch {
+            if !inner.apply_one(&publisher, delivery, &shutdown).await {
+                return;
+            }
+        }
+    }
+}
+
+/// What became of a batch.
+enum BatchResult {
+    /// Committed and acknowledged.
+    Settled,
+    /// Nothing committed: apply the deliveries one at a time, so a failing
+    /// one is retried or dead-lettered alone.
+    OneByOne,
+    /// The broker connection broke after the commit; nothing more can be
+    /// acknowledged in this session.
+    Stopped,
+}
+
+/// Longest time a batch waits for a row lock before it gives up and its
+/// deliveries are applied one at a time. Batches lock the rows of several
+/// aggregates in delivery order, so two lanes (or replicas) can deadlock;
+/// this bounds that to a short stall instead of PostgreSQL's deadlock check.
+const BATCH_LOCK_TIMEOUT: &str = "250ms";
+
+impl Inner {
+    /// Applies one delivery in its own transaction and settles it, waiting
+    /// out database outages. Returns false if the lane must stop.
+    async fn apply_one(
+        &self,
+        publisher: &Channel,
+        delivery: &Delivery,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
-            let outcome = inner.apply(&delivery).await;
+            let outcome = self.apply(delivery).await;
             if let Outcome::DatabaseUnavailable(error) = &outcome {
-                tracing::warn!(consumer = %inner.consumer, %error, retry_in = ?backoff, "database unavailable");
+                tracing::warn!(consumer = %self.consumer, %error, retry_in = ?backoff, "database unavailable");
                 tokio::select! {
                     // Leave the delivery unacknowledged: it returns to the
                     // queue when the channel closes.
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return false,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_DATABASE_BACKOFF);
                 continue;
             }
-            if let Err(error) = inner.settle(&publisher, &delivery, outcome, started).await {
+            if let Err(error) = self.settle(publisher, delivery, outcome, started).await {
                 // Unacknowledged; the broker redelivers it after reconnecting.
-                tracing::warn!(consumer = %inner.consumer, error = format!("{error:#}"), "failed to settle a delivery");
+                tracing::warn!(consumer = %self.consumer, error = format!("{error:#}"), "failed to settle a delivery");
             }
-            break;
+            return true;
         }
     }
-}
 
-impl Inner {
+    /// Applies several deliveries in one transaction: one inbox row per
+    /// message, the handlers in delivery order, one commit, then the
+    /// acknowledgements. Any failure rolls the whole batch back.
+    async fn apply_batch(&self, publisher: &Channel, batch: &[Delivery]) -> BatchResult {
+        let started = Instant::now();
+        let mut prepared = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            match metadata(delivery) {
+                Ok(metadata) => match self.handlers.get(&metadata.event_type) {
+                    Some(handler) => prepared.push((delivery, metadata, handler.clone())),
+                    None => return BatchResult::OneByOne,
+                },
+                Err(_) => return BatchResult::OneByOne,
+            }
+        }
+        let Ok(mut tx) = self.pool.begin().await else {
+            return BatchResult::OneByOne;
+        };
+        if sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'"
+        )))
+        .execute(&mut *tx)
+        .await
+        .is_err()
+        {
+            return BatchResult::OneByOne;
+        }
+        let mut outcomes = Vec::with_capacity(prepared.len());
+        for (delivery, metadata, handler) in &prepared {
+            match self.run_handler(&mut tx, delivery, metadata, handler).await {
+                Some(outcome) => outcomes.push(outcome),
+                None => {
+                    tracing::debug!(consumer = %self.consumer, size = batch.len(), "batch failed; applying its messages one at a time");
+                    return BatchResult::OneByOne;
+                }
+            }
+        }
+        if let Err(error) = tx.commit().await {
+            tracing::debug!(consumer = %self.consumer, %error, "batch commit failed; applying its messages one at a time");
+            return BatchResult::OneByOne;
+        }
+        metrics::histogram!(crate::metrics::BATCH_SIZE, "consumer" => self.consumer.clone())
+            .record(batch.len() as f64);
+        for (delivery, outcome) in batch.iter().zip(outcomes) {
+            if let Err(error) = self.settle(publisher, delivery, outcome, started).await {
+                // Committed but unacknowledged: redelivered after a
+                // reconnect and then recognised by the inbox.
+                tracing::warn!(consumer = %self.consumer, error = format!("{error:#}"), "failed to acknowledge a committed batch");
+                return BatchResult::Stopped;
+            }
+        }
+        BatchResult::Settled
+    }
+
+    /// Records one message in the inbox and runs its handler inside `tx`.
+    /// `Some(Handled | Duplicate)` on success, `None` on any failure (the
+    /// transaction must then be rolled back).
+    async fn run_handler(
+        &self,
+        tx: &mut HandlerTx,
+        delivery: &Delivery,
+        metadata: &Metadata,
+        handler: &Arc<dyn Dispatch>,
+    ) -> Option<Outcome> {
+        let span = self.span(metadata);
+        async {
+            match inbox::record(tx, &self.consumer, metadata.message_id, &metadata.event_type)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return Some(Outcome::Duplicate),
+                Err(_) => return None,
+            }
+            let started = Instant::now();
+            let result = AssertUnwindSafe(handler.dispatch(tx, &delivery.data, metadata))
+                .catch_unwind()
+                .await;
+            metrics::histogram!(crate::metrics::HANDLER_SECONDS, "consumer" => self.consumer.clone(), "event_type" => metadata.event_type.clone())
+                .record(started.elapsed().as_secs_f64());
+            matches!(result, Ok(Ok(()))).then_some(Outcome::Handled)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The span of one message's handling, continuing the producer's trace.
+    fn span(&self, metadata: &Metadata) -> tracing::Span {
+        let span = tracing::info_span!(
+            "handle_event",
+            consumer = %self.consumer,
+            event_type = %metadata.event_type,
+            message_id = %metadata.message_id,
+            attempt = metadata.attempt,
+        );
+        shop_outbox::trace::continue_trace(&span, metadata.traceparent.as_deref());
+        span
+    }
+
     async fn apply(&self, delivery: &Delivery) -> Outcome {
         let metadata = match metadata(delivery) {
             Ok(metadata) => metadata,
@@ -415,15 +563,7 @@ impl Inner {
                 metadata.event_type
             ));
         };
-        let span = tracing::info_span!(
-            "handle_event",
-            consumer = %self.consumer,
-            event_type = %metadata.event_type,
-            message_id = %metadata.message_id,
-            attempt = metadata.attempt,
-        );
-        // The handler's span continues the producer's trace.
-        shop_outbox::trace::continue_trace(&span, metadata.traceparent.as_deref());
+        let span = self.span(&metadata);
         async {
             let mut tx = match self.pool.begin().await {
                 Ok(tx) => tx,
@@ -577,6 +717,9 @@ fn metadata(delivery: &Delivery) -> Result<Metadata, String> {
         event_type,
         aggregate_type: header_str(properties, "aggregate_type"),
         aggregate_id: header_str(properties, "aggregate_id"),
+        occurred_at: header_str(properties, "ce-time")
+            .and_then(|time| chrono::DateTime::parse_from_rfc3339(&time).ok())
+            .map(|time| time.with_timezone(&chrono::Utc)),
         correlation_id: properties
             .correlation_id()
             .as_ref()

@@ -60,8 +60,15 @@ impl System {
         subscriber.retry_backoff = Duration::from_millis(100);
         subscriber.max_retry_backoff = Duration::from_secs(1);
         subscriber.max_attempts = 10;
-        for service in ["order", "inventory", "payment", "notification", "user"] {
-            let queue = format!("{prefix}.{service}.events");
+        for queue in [
+            "order.events",
+            "order.history",
+            "inventory.events",
+            "payment.events",
+            "notification.events",
+            "user.events",
+        ] {
+            let queue = format!("{prefix}.{queue}");
             broker.track(&queue);
             broker.track(&format!("{queue}.dlq"));
             for n in 1..subscriber.max_attempts {
@@ -100,6 +107,7 @@ impl System {
             database_url: user_db.url.clone(),
             metrics_addr: None,
             tls: Default::default(),
+            pool: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
         })
@@ -112,6 +120,7 @@ impl System {
             database_url: inventory_db.url.clone(),
             metrics_addr: None,
             tls: Default::default(),
+            pool: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
         })
@@ -124,6 +133,7 @@ impl System {
             database_url: order_db.url.clone(),
             metrics_addr: None,
             tls: Default::default(),
+            pool: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
         })
@@ -137,6 +147,7 @@ impl System {
             decline_above_minor: DECLINE_ABOVE,
             metrics_addr: None,
             tls: Default::default(),
+            pool: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
         };
@@ -150,6 +161,7 @@ impl System {
             database_url: notification_db.url.clone(),
             metrics_addr: None,
             tls: Default::default(),
+            pool: Default::default(),
             log_json: false,
             subscriber,
         })

@@ -130,8 +130,8 @@ impl Setup {
             shop_outbox::migrator([&shop_outbox::MIGRATOR, &shop_subscriber::inbox::MIGRATOR]);
         let db = TestDatabase::create(&migrator).await?;
         sqlx::query(
-            "CREATE TABLE applied (message_id uuid NOT NULL, order_id text NOT NULL, \
-             attempt int NOT NULL, redelivered bool NOT NULL)",
+            "CREATE TABLE applied (seq bigserial, message_id uuid NOT NULL, \
+             order_id text NOT NULL, attempt int NOT NULL, redelivered bool NOT NULL)",
         )
         .execute(&db.pool)
         .await?;
@@ -194,14 +194,25 @@ impl Setup {
     /// Publishes OrderPlaced events for `order_ids` on one channel,
     /// pipelined, and waits for every confirm.
     pub async fn publish_many(&self, order_ids: &[String]) -> Result<()> {
+        let events: Vec<(uuid::Uuid, String, String)> = order_ids
+            .iter()
+            .map(|id| (uuid::Uuid::now_v7(), id.clone(), id.clone()))
+            .collect();
+        self.publish_events(&events).await
+    }
+
+    /// Publishes OrderPlaced events given as (message id, aggregate id,
+    /// order id) on one channel, in order, pipelined, and waits for every
+    /// confirm.
+    pub async fn publish_events(&self, events: &[(uuid::Uuid, String, String)]) -> Result<()> {
         let conn = self.broker.connect().await?;
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        for chunk in order_ids.chunks(500) {
+        for chunk in events.chunks(500) {
             let mut confirms = Vec::with_capacity(chunk.len());
-            for order_id in chunk {
+            for (message_id, aggregate_id, order_id) in chunk {
                 let payload = OrderPlaced {
                     order_id: order_id.clone(),
                     ..Default::default()
@@ -210,10 +221,10 @@ impl Setup {
                 let mut headers = FieldTable::default();
                 headers.insert(
                     "aggregate_id".into(),
-                    AMQPValue::LongString(LongString::from(order_id.as_str())),
+                    AMQPValue::LongString(LongString::from(aggregate_id.as_str())),
                 );
                 let properties = BasicProperties::default()
-                    .with_message_id(uuid::Uuid::now_v7().to_string().as_str().into())
+                    .with_message_id(message_id.to_string().as_str().into())
                     .with_type("shop.events.v1.OrderPlaced".into())
                     .with_delivery_mode(2)
                     .with_headers(headers);
