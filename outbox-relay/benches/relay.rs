@@ -6,7 +6,9 @@
 //!
 //! `cargo bench -p outbox-relay --bench relay` with `DATABASE_URL` and
 //! `AMQP_URL` set (or Docker for testcontainers). `BENCH_EVENTS` changes the
-//! number of events drained (default 100000).
+//! number of events drained (default 100000), `BENCH_RATE` the rate of the
+//! latency runs (default 1000 events/s), and `BENCH_BASELINE_RELAY` names
+//! an earlier build's `outbox-relay` binary to measure side by side.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,15 +29,28 @@ const BATCH: usize = 500;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let events: i64 = std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
-    let db = TestDatabase::create(&shop_outbox::MIGRATOR).await?;
+    let events: i64 = env_or("BENCH_EVENTS", 100_000);
+    let rate: f64 = env_or("BENCH_RATE", 1000.0);
     let broker = TestBroker::new().await;
     let exchange = broker.name("events");
     let queue = broker.name("sink");
     declare(&broker, &exchange, &queue).await?;
+
+    // The relay of this build, and optionally an earlier build's binary to
+    // compare with in the same run (that build's writers notify on every
+    // commit, so its database gets that trigger back).
+    let mut relays = vec![Build {
+        name: "this build".to_owned(),
+        binary: env!("CARGO_BIN_EXE_outbox-relay").to_owned(),
+        notify_every_commit: false,
+    }];
+    if let Ok(binary) = std::env::var("BENCH_BASELINE_RELAY") {
+        relays.push(Build {
+            name: "baseline".to_owned(),
+            binary,
+            notify_every_commit: true,
+        });
+    }
 
     println!(
         "relay benchmark: {events} events of {PAYLOAD_BYTES} bytes over {AGGREGATES} aggregates"
@@ -45,53 +60,89 @@ async fn main() -> Result<()> {
     let raw = raw_publish(&broker, &exchange, events as usize).await?;
     purge(&broker, &queue).await?;
     let raw_rate = events as f64 / raw.as_secs_f64();
-    println!("raw lapin confirmed publish: {raw_rate:>8.0} msg/s ({raw:.2?})");
+    println!("raw lapin confirmed publish (window {BATCH}): {raw_rate:>8.0} msg/s ({raw:.2?})");
 
-    // The relay draining the same number of pending rows.
-    insert_pending(&db, events).await?;
-    let started = Instant::now();
-    let relay = spawn_relay(&db, &broker, &exchange, true);
-    wait_drained(&db).await?;
-    let drain = started.elapsed();
-    let peak_rss_kib = peak_rss_kib(relay.0.id());
-    drop(relay);
-    purge(&broker, &queue).await?;
-    let relay_rate = events as f64 / drain.as_secs_f64();
-    println!(
-        "outbox-relay drain:          {relay_rate:>8.0} msg/s ({drain:.2?}, includes start-up)"
-    );
-    println!(
-        "drain ratio relay/raw:       {:>8.2}  (goal >= 0.80)",
-        relay_rate / raw_rate
-    );
-    if let Some(kib) = peak_rss_kib {
-        println!(
-            "relay peak RSS during drain: {:>8.1} MiB",
-            kib as f64 / 1024.0
-        );
-    }
-
-    // Latency at half of the relay's saturation rate.
-    let rate = (relay_rate / 2.0).min(2000.0);
-    for listen in [true, false] {
-        let relay = spawn_relay(&db, &broker, &exchange, listen);
+    let mut drains = Vec::new();
+    for build in &relays {
+        let db = TestDatabase::create(&shop_outbox::MIGRATOR).await?;
+        if build.notify_every_commit {
+            notify_every_commit(&db).await?;
+        }
+        // The relay draining the same number of pending rows.
+        insert_pending(&db, events).await?;
+        let started = Instant::now();
+        let relay = spawn_relay(&build.binary, &db, &broker, &exchange, true);
         wait_drained(&db).await?;
-        let (p50, p99, achieved) =
-            latency(&db, &broker, &queue, rate, Duration::from_secs(10)).await?;
+        let drain = started.elapsed();
+        let peak_rss_kib = peak_rss_kib(relay.0.id());
         drop(relay);
         purge(&broker, &queue).await?;
+        let relay_rate = events as f64 / drain.as_secs_f64();
+        drains.push(relay_rate);
+        println!("== {} ({})", build.name, build.binary);
         println!(
-            "commit→consumer latency, {} at {achieved:.0} events/s: p50 {:.1} ms, p99 {:.1} ms{}",
-            if listen {
-                "NOTIFY + poll 1s"
-            } else {
-                "poll 1s only    "
-            },
-            p50.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3,
-            if listen { "  (goal p99 <= 15 ms)" } else { "" }
+            "outbox-relay drain:          {relay_rate:>8.0} msg/s ({drain:.2?}, includes start-up)"
         );
+        println!(
+            "drain ratio relay/raw:       {:>8.2}  (goal >= 0.80)",
+            relay_rate / raw_rate
+        );
+        if let Some(kib) = peak_rss_kib {
+            println!(
+                "relay peak RSS during drain: {:>8.1} MiB",
+                kib as f64 / 1024.0
+            );
+        }
+
+        for listen in [true, false] {
+            let relay = spawn_relay(&build.binary, &db, &broker, &exchange, listen);
+            wait_drained(&db).await?;
+            let (p50, p99, achieved) =
+                latency(&db, &broker, &queue, rate, Duration::from_secs(10)).await?;
+            drop(relay);
+            purge(&broker, &queue).await?;
+            println!(
+                "commit→consumer latency, {} at {achieved:.0} events/s: p50 {:.1} ms, p99 {:.1} ms{}",
+                if listen {
+                    "NOTIFY + poll 1s"
+                } else {
+                    "poll 1s only    "
+                },
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3,
+                if listen { "  (goal p99 <= 15 ms)" } else { "" }
+            );
+        }
     }
+    if let [this, baseline] = drains[..] {
+        println!("drain, this build / baseline: {:.2}", this / baseline);
+    }
+    Ok(())
+}
+
+/// A relay binary to measure.
+struct Build {
+    name: String,
+    binary: String,
+    notify_every_commit: bool,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Puts back the trigger of builds before relays armed themselves: every
+/// commit that writes the outbox notifies.
+async fn notify_every_commit(db: &TestDatabase) -> Result<()> {
+    sqlx::query(
+        "CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_notify('outbox', ''); RETURN NULL; END $$",
+    )
+    .execute(&db.pool)
+    .await?;
     Ok(())
 }
 
@@ -244,8 +295,14 @@ impl Drop for RelayChild {
     }
 }
 
-fn spawn_relay(db: &TestDatabase, broker: &TestBroker, exchange: &str, listen: bool) -> RelayChild {
-    let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+fn spawn_relay(
+    binary: &str,
+    db: &TestDatabase,
+    broker: &TestBroker,
+    exchange: &str,
+    listen: bool,
+) -> RelayChild {
+    let child = Command::new(binary)
         .env("DATABASE_URL", &db.url)
         .env("AMQP_URL", &broker.url)
         .env("OUTBOX_RELAY_EXCHANGE", exchange)

@@ -282,17 +282,26 @@ impl Worker {
                 && pipeline.len() < depth
                 && !owned.is_empty()
             {
-                let busy = pipeline.busy_aggregates();
-                let rows =
-                    store::fetch_pending(conn, &owned, settings.batch_size, (&busy.0, &busy.1))
-                        .await
-                        .context("failed to fetch pending rows")?;
-                fetch = rows.len() as i64 == settings.batch_size;
-                if rows.is_empty() {
+                let mut rows = store::fetch_pending(conn, &owned, settings.batch_size)
+                    .await
+                    .context("failed to fetch pending rows")?;
+                let fetched = rows.len();
+                let full = fetched as i64 == settings.batch_size;
+                if fetched > 0 {
+                    found = Some(true);
+                } else {
                     found.get_or_insert(false);
+                }
+                // Aggregates with rows in flight wait for them: their later
+                // rows go in a later batch.
+                pipeline.leave_out_busy(&mut rows);
+                if rows.is_empty() {
+                    // Nothing new until a batch finishes (or a
+                    // notification or the poll says otherwise).
+                    fetch = false;
                     break;
                 }
-                found = Some(true);
+                fetch = full;
                 pipeline.start(publisher, rows);
             }
             idle.after_fill(conn, found).await?;
@@ -400,9 +409,16 @@ impl Pipeline {
         self.tasks.is_empty()
     }
 
-    /// The aggregates in flight, as parallel arrays of types and ids.
-    fn busy_aggregates(&self) -> (Vec<String>, Vec<String>) {
-        self.busy.iter().cloned().unzip()
+    /// Drops the rows of aggregates that have rows in flight.
+    fn leave_out_busy(&self, rows: &mut Vec<store::PendingRow>) {
+        if self.busy.is_empty() {
+            return;
+        }
+        rows.retain(|row| {
+            !self
+                .busy
+                .contains(&(row.aggregate_type.clone(), row.aggregate_id.clone()))
+        });
     }
 
     /// Publishes `rows` in the background.

@@ -41,43 +41,46 @@ pub async fn partition_count(conn: &mut PgConnection) -> sqlx::Result<i32> {
         .await
 }
 
-/// The oldest pending rows of the given partitions, in publication order,
-/// leaving out the aggregates in `busy` (parallel arrays of aggregate types
-/// and ids whose earlier rows are still being published).
+/// The oldest pending rows of the given partitions, in publication order.
 ///
-/// A row is also left out while an earlier row of its aggregate is
-/// quarantined or waiting for a retry, so an aggregate's events never
-/// overtake each other.
+/// A row is left out while an earlier row of its aggregate is quarantined
+/// or waiting for a retry, so an aggregate's events never overtake each
+/// other. (Rows of aggregates still being published are left out by the
+/// caller: as a query parameter, a set that changes with every call would
+/// get a generic plan that scans it once per row.)
 pub async fn fetch_pending(
     conn: &mut PgConnection,
     partitions: &[i32],
     limit: i64,
-    busy: (&[String], &[String]),
 ) -> sqlx::Result<Vec<PendingRow>> {
+    // The blocked aggregates are gathered once per fetch, not looked up
+    // per row: statistics taken while the outbox was empty (as it usually
+    // is) would otherwise lead the planner to scan every pending row for
+    // each pending row.
     sqlx::query_as(
-        "SELECT o.id, o.message_id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload, \
+        "WITH blocked AS MATERIALIZED ( \
+             SELECT aggregate_type, aggregate_id, min(id) AS from_id \
+             FROM outbox \
+             WHERE published_at IS NULL \
+               AND (quarantined_at IS NOT NULL OR next_attempt_at IS NOT NULL) \
+               AND (quarantined_at IS NOT NULL OR next_attempt_at > now()) \
+             GROUP BY aggregate_type, aggregate_id) \
+         SELECT o.id, o.message_id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload, \
                 o.content_type, o.occurred_at, o.correlation_id, o.causation_id, o.traceparent, \
                 o.attempts \
          FROM outbox o \
          WHERE o.published_at IS NULL \
            AND o.partition = ANY($1) \
-           AND (o.aggregate_type, o.aggregate_id) NOT IN ( \
-               SELECT t, i FROM unnest($3::text[], $4::text[]) AS busy(t, i)) \
            AND NOT EXISTS ( \
-               SELECT 1 FROM outbox b \
-               WHERE b.published_at IS NULL \
-                 AND (b.quarantined_at IS NOT NULL OR b.next_attempt_at IS NOT NULL) \
-                 AND (b.quarantined_at IS NOT NULL OR b.next_attempt_at > now()) \
-                 AND b.aggregate_type = o.aggregate_type \
+               SELECT 1 FROM blocked b \
+               WHERE b.aggregate_type = o.aggregate_type \
                  AND b.aggregate_id = o.aggregate_id \
-                 AND b.id <= o.id) \
+                 AND b.from_id <= o.id) \
          ORDER BY o.id \
          LIMIT $2",
     )
     .bind(partitions)
     .bind(limit)
-    .bind(busy.0)
-    .bind(busy.1)
     .fetch_all(conn)
     .await
 }

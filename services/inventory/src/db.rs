@@ -109,11 +109,16 @@ pub async fn lock_products(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Resul
     .await
 }
 
-pub async fn is_cancelled(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM cancelled_orders WHERE order_id = $1)")
-        .bind(order_id)
-        .fetch_one(conn)
-        .await
+/// Whether an order was cancelled before its reservation, or already has
+/// one: either way a (late or repeated) OrderPlaced reserves nothing.
+pub async fn cancelled_or_reserved(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM cancelled_orders WHERE order_id = $1) \
+             OR EXISTS (SELECT 1 FROM reservations WHERE order_id = $1)",
+    )
+    .bind(order_id)
+    .fetch_one(conn)
+    .await
 }
 
 pub async fn mark_cancelled(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<()> {
@@ -124,30 +129,34 @@ pub async fn mark_cancelled(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Re
     Ok(())
 }
 
-pub async fn has_reservation(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM reservations WHERE order_id = $1)")
-        .bind(order_id)
-        .fetch_one(conn)
-        .await
-}
-
+/// Reserves `held` (product, quantity) for an order: raises each product's
+/// reserved count and records the reservation, in two statements whatever
+/// the number of lines. The products must already be locked.
 pub async fn reserve(
     conn: &mut PgConnection,
     order_id: Uuid,
-    product_id: Uuid,
-    quantity: i32,
+    held: &[(Uuid, i32)],
 ) -> sqlx::Result<()> {
-    sqlx::query("UPDATE products SET reserved = reserved + $2 WHERE id = $1")
-        .bind(product_id)
-        .bind(quantity)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("INSERT INTO reservations (order_id, product_id, quantity, status) VALUES ($1, $2, $3, 'reserved')")
-        .bind(order_id)
-        .bind(product_id)
-        .bind(quantity)
-        .execute(conn)
-        .await?;
+    let (ids, quantities): (Vec<Uuid>, Vec<i32>) = held.iter().copied().unzip();
+    sqlx::query(
+        "UPDATE products p SET reserved = p.reserved + h.quantity \
+         FROM unnest($1::uuid[], $2::int[]) AS h(product_id, quantity) \
+         WHERE p.id = h.product_id",
+    )
+    .bind(&ids)
+    .bind(&quantities)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO reservations (order_id, product_id, quantity, status) \
+         SELECT $1, h.product_id, h.quantity, 'reserved' \
+         FROM unnest($2::uuid[], $3::int[]) AS h(product_id, quantity)",
+    )
+    .bind(order_id)
+    .bind(&ids)
+    .bind(&quantities)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -166,7 +175,13 @@ pub async fn close_reservation(
     .bind(status)
     .fetch_all(&mut *conn)
     .await?;
+    if held.is_empty() {
+        return Ok(held);
+    }
     let (ids, quantities): (Vec<Uuid>, Vec<i32>) = held.iter().copied().unzip();
+    // Products are locked in id order, as reservations lock them, so the
+    // two never deadlock.
+    lock_products(&mut *conn, &ids).await?;
     let take_from_stock = status == "committed";
     sqlx::query(
         "UPDATE products p SET reserved = p.reserved - h.quantity, \

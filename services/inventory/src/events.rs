@@ -58,7 +58,7 @@ impl EventHandler<OrderPlaced> for Reservations {
         meta: &Metadata,
     ) -> Result<(), HandlerError> {
         let order = order_id(&event.order_id)?;
-        if db::is_cancelled(tx, order).await? || db::has_reservation(tx, order).await? {
+        if db::cancelled_or_reserved(tx, order).await? {
             tracing::info!(order_id = %order, "order already handled or cancelled; nothing to reserve");
             return Ok(());
         }
@@ -94,10 +94,8 @@ impl EventHandler<OrderPlaced> for Reservations {
         let key = order.to_string();
         let aggregate = Aggregate::new("reservation", &key);
         if shortages.is_empty() {
-            for (product, quantity) in &demand {
-                db::reserve(tx, order, *product, *quantity).await?;
-            }
             let held: Vec<(Uuid, i32)> = demand.into_iter().collect();
+            db::reserve(tx, order, &held).await?;
             let reserved = InventoryReserved {
                 order_id: event.order_id.clone(),
                 customer_id: event.customer_id.clone(),

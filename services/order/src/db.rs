@@ -73,32 +73,40 @@ pub async fn add_customer(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()>
     Ok(())
 }
 
-pub async fn customer_known(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM customers WHERE customer_id = $1)")
-        .bind(id)
-        .fetch_one(conn)
-        .await
-}
+/// One row of [`customer_and_prices`]: whether the customer is known, and
+/// one product's price (none when no product is known).
+type CustomerAndPrice = (bool, Option<Uuid>, Option<i64>, Option<String>);
 
-pub async fn prices(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, Price>> {
-    let rows: Vec<(Uuid, i64, String)> = sqlx::query_as(
-        "SELECT product_id, price_minor, currency FROM catalog WHERE product_id = ANY($1)",
+/// What PlaceOrder needs to know before it writes, in one round trip:
+/// whether the customer is known, and the prices of the products that are.
+pub async fn customer_and_prices(
+    conn: &mut PgConnection,
+    customer_id: Uuid,
+    products: &[Uuid],
+) -> sqlx::Result<(bool, HashMap<Uuid, Price>)> {
+    let rows: Vec<CustomerAndPrice> = sqlx::query_as(
+        "SELECT c.known, p.product_id, p.price_minor, p.currency \
+         FROM (SELECT EXISTS (SELECT 1 FROM customers WHERE customer_id = $1) AS known) c \
+         LEFT JOIN catalog p ON p.product_id = ANY($2)",
     )
-    .bind(ids)
+    .bind(customer_id)
+    .bind(products)
     .fetch_all(conn)
     .await?;
-    Ok(rows
+    let known = rows.first().is_some_and(|row| row.0);
+    let prices = rows
         .into_iter()
-        .map(|(id, price_minor, currency)| {
-            (
-                id,
+        .filter_map(|(_, id, price_minor, currency)| {
+            Some((
+                id?,
                 Price {
-                    price_minor,
-                    currency,
+                    price_minor: price_minor?,
+                    currency: currency?,
                 },
-            )
+            ))
         })
-        .collect())
+        .collect();
+    Ok((known, prices))
 }
 
 pub async fn find_by_key(
@@ -115,16 +123,31 @@ pub async fn find_by_key(
     .await
 }
 
+/// Inserts an order and its lines, unless the customer already used the
+/// order's idempotency key (then nothing is written). Returns whether the
+/// order was inserted. A concurrent insert with the same key is waited for.
 pub async fn insert_order(
     conn: &mut PgConnection,
     order: &OrderRow,
     key: &str,
     lines: &[PricedLine],
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO orders (id, customer_id, status, total_minor, currency, idempotency_key, \
-                             request_fingerprint, placed_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+) -> sqlx::Result<bool> {
+    let products: Vec<Uuid> = lines.iter().map(|l| l.0).collect();
+    let quantities: Vec<i32> = lines.iter().map(|l| l.1).collect();
+    let prices: Vec<i64> = lines.iter().map(|l| l.2).collect();
+    sqlx::query_scalar(
+        "WITH o AS ( \
+             INSERT INTO orders (id, customer_id, status, total_minor, currency, idempotency_key, \
+                                 request_fingerprint, placed_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) \
+             ON CONFLICT (customer_id, idempotency_key) DO NOTHING \
+             RETURNING id), \
+         l AS ( \
+             INSERT INTO order_lines (order_id, line_no, product_id, quantity, unit_price_minor) \
+             SELECT o.id, l.no, l.product_id, l.quantity, l.price \
+             FROM o, unnest($9::uuid[], $10::int[], $11::bigint[]) \
+                  WITH ORDINALITY AS l(product_id, quantity, price, no)) \
+         SELECT EXISTS (SELECT 1 FROM o)",
     )
     .bind(order.id)
     .bind(order.customer_id)
@@ -134,23 +157,11 @@ pub async fn insert_order(
     .bind(key)
     .bind(&order.request_fingerprint)
     .bind(order.placed_at)
-    .execute(&mut *conn)
-    .await?;
-    let products: Vec<Uuid> = lines.iter().map(|l| l.0).collect();
-    let quantities: Vec<i32> = lines.iter().map(|l| l.1).collect();
-    let prices: Vec<i64> = lines.iter().map(|l| l.2).collect();
-    sqlx::query(
-        "INSERT INTO order_lines (order_id, line_no, product_id, quantity, unit_price_minor) \
-         SELECT $1, l.no, l.product_id, l.quantity, l.price \
-         FROM unnest($2::uuid[], $3::int[], $4::bigint[]) WITH ORDINALITY AS l(product_id, quantity, price, no)",
-    )
-    .bind(order.id)
     .bind(&products)
     .bind(&quantities)
     .bind(&prices)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
 /// Locks an order for a status change.

@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use chrono::DurationRound;
 use prost_types::Timestamp;
 use shop_outbox::{Aggregate, EventContext};
 use shop_proto::events::v1 as events;
@@ -113,30 +114,37 @@ impl OrderService for Orders {
         let fingerprint = new.fingerprint();
         let mut tx = self.pool.begin().await.map_err(ServiceError::from)?;
 
-        if let Some(existing) = db::find_by_key(&mut tx, new.customer_id, &new.idempotency_key)
-            .await
-            .map_err(ServiceError::from)?
-        {
-            drop(tx);
-            return self.replay(existing, &fingerprint).await;
-        }
-        if !db::customer_known(&mut tx, new.customer_id)
-            .await
-            .map_err(ServiceError::from)?
-        {
+        let products: Vec<Uuid> = new.lines.iter().map(|l| l.0).collect();
+        let (customer_known, catalog) =
+            db::customer_and_prices(&mut tx, new.customer_id, &products)
+                .await
+                .map_err(ServiceError::from)?;
+        if !customer_known {
             return Err(ServiceError::NotFound(format!(
                 "customer {} is not registered (a new registration takes a moment to reach the order service)",
                 new.customer_id
             ))
             .into());
         }
-        let products: Vec<Uuid> = new.lines.iter().map(|l| l.0).collect();
-        let catalog = db::prices(&mut tx, &products)
-            .await
-            .map_err(ServiceError::from)?;
-        let (lines, total, currency) = domain::price(&new.lines, &catalog)?;
+        let priced = domain::price(&new.lines, &catalog);
 
-        let now = chrono::Utc::now();
+        // Microseconds, as PostgreSQL keeps them, so this answer and later
+        // reads show the same times.
+        let now = chrono::Utc::now()
+            .duration_trunc(chrono::TimeDelta::microseconds(1))
+            .map_err(|error| ServiceError::Internal(error.into()))?;
+        let (lines, total, currency) = match priced {
+            Ok(priced) => priced,
+            Err(error) => {
+                // A retry of an order placed before a product's price or
+                // currency changed still gets its first answer.
+                drop(tx);
+                return match self.existing(&new).await? {
+                    Some(existing) => self.replay(existing, &fingerprint).await,
+                    None => Err(error.into()),
+                };
+            }
+        };
         let order = OrderRow {
             id: Uuid::now_v7(),
             customer_id: new.customer_id,
@@ -148,22 +156,17 @@ impl OrderService for Orders {
             placed_at: now,
             updated_at: now,
         };
-        if let Err(error) = db::insert_order(&mut tx, &order, &new.idempotency_key, &lines).await {
-            // A concurrent retry with the same key won the race.
-            if let ServiceError::AlreadyExists(_) = ServiceError::from(error) {
-                drop(tx);
-                let mut conn = self.pool.acquire().await.map_err(ServiceError::from)?;
-                if let Some(existing) =
-                    db::find_by_key(&mut conn, new.customer_id, &new.idempotency_key)
-                        .await
-                        .map_err(ServiceError::from)?
-                {
-                    return self.replay(existing, &fingerprint).await;
-                }
-            }
-            return Err(
-                ServiceError::Internal(anyhow::anyhow!("failed to store the order")).into(),
-            );
+        let inserted = db::insert_order(&mut tx, &order, &new.idempotency_key, &lines)
+            .await
+            .map_err(ServiceError::from)?;
+        if !inserted {
+            // The key was used before (or by a concurrent retry that
+            // committed first): answer with that order.
+            drop(tx);
+            let existing = self.existing(&new).await?.ok_or_else(|| {
+                ServiceError::Internal(anyhow::anyhow!("an idempotency key's order vanished"))
+            })?;
+            return self.replay(existing, &fingerprint).await;
         }
         let event = events::OrderPlaced {
             order_id: order.id.to_string(),
@@ -206,7 +209,16 @@ impl OrderService for Orders {
         .map_err(ServiceError::from)?;
         tx.commit().await.map_err(ServiceError::from)?;
         tracing::info!(order_id = %order.id, total, "order placed");
-        let full = self.get(order.id).await?;
+        // The order as just written; reading it back would only cost time.
+        let full = FullOrder {
+            order,
+            lines,
+            history: vec![(
+                "shop.events.v1.OrderPlaced".to_owned(),
+                record.occurred_at,
+                "order placed".to_owned(),
+            )],
+        };
         Ok(Response::new(PlaceOrderResponse {
             order: Some(order_message(&full)),
         }))
@@ -329,6 +341,12 @@ impl OrderService for Orders {
 }
 
 impl Orders {
+    /// The order a customer already placed with this idempotency key.
+    async fn existing(&self, new: &NewOrder) -> Result<Option<OrderRow>, ServiceError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(db::find_by_key(&mut conn, new.customer_id, &new.idempotency_key).await?)
+    }
+
     /// Answers a retried PlaceOrder: the same order if the request matches
     /// the first one, an error if the key was used for something else.
     async fn replay(

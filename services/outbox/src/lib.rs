@@ -10,7 +10,7 @@
 
 pub mod trace;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use sqlx::migrate::{Migration, Migrator};
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
@@ -175,10 +175,15 @@ async fn insert(
     content_type: &str,
     context: &EventContext,
 ) -> Result<OutboxRecord, OutboxError> {
+    let now = Utc::now();
     let record = OutboxRecord {
         message_id: Uuid::now_v7(),
         event_type: event_type.to_owned(),
-        occurred_at: Utc::now(),
+        // Microseconds, as PostgreSQL keeps them, so the record and the
+        // row agree.
+        occurred_at: now
+            .duration_trunc(TimeDelta::microseconds(1))
+            .unwrap_or(now),
     };
     sqlx::query(
         "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, payload, \

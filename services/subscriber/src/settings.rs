@@ -44,8 +44,9 @@ pub struct SubscriberSettings {
     /// Most deliveries a lane applies in one transaction (one inbox row per
     /// message, one commit, acknowledgements after it). A lane takes what
     /// has already arrived and never waits to fill a batch; 1 applies each
-    /// message on its own.
-    #[arg(long, env = "SUBSCRIBER_BATCH_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    /// message on its own. At most 64 (each delivery in a batch is a
+    /// savepoint, and PostgreSQL slows down past 64 in one transaction).
+    #[arg(long, env = "SUBSCRIBER_BATCH_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub batch_size: u16,
 
     /// Attempts before a failing message goes to the dead-letter queue.

@@ -389,38 +389,79 @@ async fn run_lane(
                 Err(_) => break,
             }
         }
-        if batch.len() > 1 {
-            match inner.apply_batch(&publisher, &batch).await {
-                BatchResult::Settled => continue,
-                BatchResult::Stopped => return,
-                BatchResult::OneByOne => {}
-            }
-        }
-        for delivery in &batch {
-            if !inner.apply_one(&publisher, delivery, &shutdown).await {
+        if batch.len() == 1 {
+            if !inner.apply_one(&publisher, &batch[0], &shutdown).await {
                 return;
             }
+        } else if !inner.apply_batch(&publisher, &batch, &shutdown).await {
+            return;
         }
     }
 }
 
-/// What became of a batch.
-enum BatchResult {
-    /// Committed and acknowledged.
-    Settled,
-    /// Nothing committed: apply the deliveries one at a time, so a failing
-    /// one is retried or dead-lettered alone.
-    OneByOne,
-    /// The broker connection broke after the commit; nothing more can be
+/// How a run of deliveries, applied in one transaction, ended.
+enum Run {
+    /// Every delivery committed and acknowledged.
+    Done,
+    /// The first `committed` deliveries were committed and acknowledged;
+    /// the next one waited too long for a row lock held by another
+    /// transaction, and was rolled back alone.
+    Contended { committed: usize },
+    /// The first `committed` deliveries were committed and acknowledged;
+    /// the next one failed (or the rest could not be committed) and must
+    /// be applied on its own, with retries or dead-lettering.
+    Failed { committed: usize },
+    /// The broker connection broke after a commit: nothing more can be
     /// acknowledged in this session.
     Stopped,
 }
 
-/// Longest time a batch waits for a row lock before it gives up and its
-/// deliveries are applied one at a time. Batches lock the rows of several
-/// aggregates in delivery order, so two lanes (or replicas) can deadlock;
-/// this bounds that to a short stall instead of PostgreSQL's deadlock check.
-const BATCH_LOCK_TIMEOUT: &str = "250ms";
+/// Why one delivery of a run was rolled back.
+enum RunFailure {
+    /// It waited for a row lock longer than [`BATCH_LOCK_TIMEOUT`] (or was
+    /// chosen as a deadlock victim).
+    Contended,
+    /// Anything else: the handler failed or panicked, or the database did.
+    Other,
+}
+
+/// Longest time a delivery applied in a batch waits for a row lock. Batches
+/// hold the rows of several aggregates until they commit and lock them in
+/// delivery order, so two lanes or replicas can wait on each other; past
+/// this the batch commits what it has, which releases its locks, and goes
+/// on from the delivery that waited.
+const BATCH_LOCK_TIMEOUT: &str = "20ms";
+
+/// SQLSTATEs of a lock wait that timed out and of a deadlock victim.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+const DEADLOCK_DETECTED: &str = "40P01";
+
+/// Commits a batch's transaction. The commit itself may wait for a lock
+/// (a transaction that sent NOTIFY takes PostgreSQL's notification queue
+/// lock at commit), so the batch's lock timeout is lifted first: a
+/// commit that failed would throw the whole batch away.
+async fn commit_without_lock_timeout(mut tx: HandlerTx) -> sqlx::Result<()> {
+    sqlx::query("SET LOCAL lock_timeout TO DEFAULT")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Whether an error is a lock wait that timed out or a deadlock.
+fn is_contention(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(is_contention_sqlx)
+    })
+}
+
+fn is_contention_sqlx(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|error| error.code())
+        .is_some_and(|code| code == LOCK_NOT_AVAILABLE || code == DEADLOCK_DETECTED)
+}
 
 impl Inner {
     /// Applies one delivery in its own transaction and settles it, waiting
@@ -454,78 +495,155 @@ impl Inner {
         }
     }
 
-    /// Applies several deliveries in one transaction: one inbox row per
-    /// message, the handlers in delivery order, one commit, then the
-    /// acknowledgements. Any failure rolls the whole batch back.
-    async fn apply_batch(&self, publisher: &Channel, batch: &[Delivery]) -> BatchResult {
-        let started = Instant::now();
+    /// Applies a lane's batch: as many deliveries per transaction as go
+    /// through (see [`Inner::apply_run`]); a delivery that fails is applied
+    /// on its own, so it is retried or dead-lettered alone. Returns false if
+    /// the lane must stop.
+    async fn apply_batch(
+        &self,
+        publisher: &Channel,
+        batch: &[Delivery],
+        shutdown: &CancellationToken,
+    ) -> bool {
         let mut prepared = Vec::with_capacity(batch.len());
         for delivery in batch {
-            match metadata(delivery) {
-                Ok(metadata) => match self.handlers.get(&metadata.event_type) {
-                    Some(handler) => prepared.push((delivery, metadata, handler.clone())),
-                    None => return BatchResult::OneByOne,
-                },
-                Err(_) => return BatchResult::OneByOne,
+            let Ok(metadata) = metadata(delivery) else {
+                break;
+            };
+            let Some(handler) = self.handlers.get(&metadata.event_type) else {
+                break;
+            };
+            prepared.push((delivery, metadata, handler.clone()));
+        }
+        let mut next = 0;
+        // Deliveries that cannot be prepared (no metadata, no handler) are
+        // dead-lettered one at a time, after the ones before them.
+        while next < prepared.len() {
+            let alone = match self.apply_run(publisher, &prepared[next..]).await {
+                Run::Done => {
+                    next = prepared.len();
+                    false
+                }
+                Run::Contended { committed } => {
+                    next += committed;
+                    // A delivery that cannot get its locks even at the head
+                    // of a run waits for them in a transaction of its own.
+                    committed == 0
+                }
+                Run::Failed { committed } => {
+                    next += committed;
+                    true
+                }
+                Run::Stopped => return false,
+            };
+            if alone {
+                if !self.apply_one(publisher, prepared[next].0, shutdown).await {
+                    return false;
+                }
+                next += 1;
             }
         }
+        for delivery in &batch[next..] {
+            if !self.apply_one(publisher, delivery, shutdown).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Applies deliveries in one transaction: for each, in order, a
+    /// savepoint, the inbox row and the handler; then one commit and the
+    /// acknowledgements. The first delivery that fails is rolled back to its
+    /// savepoint and the ones before it are committed without it.
+    async fn apply_run(
+        &self,
+        publisher: &Channel,
+        run: &[(&Delivery, Metadata, Arc<dyn Dispatch>)],
+    ) -> Run {
+        let started = Instant::now();
         let Ok(mut tx) = self.pool.begin().await else {
-            return BatchResult::OneByOne;
+            return Run::Failed { committed: 0 };
         };
-        if sqlx::query(sqlx::AssertSqlSafe(format!(
+        let limited = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'"
         )))
         .execute(&mut *tx)
-        .await
-        .is_err()
-        {
-            return BatchResult::OneByOne;
+        .await;
+        if limited.is_err() {
+            return Run::Failed { committed: 0 };
         }
-        let mut outcomes = Vec::with_capacity(prepared.len());
-        for (delivery, metadata, handler) in &prepared {
+        let mut outcomes = Vec::with_capacity(run.len());
+        let mut stopped = None;
+        for (delivery, metadata, handler) in run {
+            if sqlx::query("SAVEPOINT delivery")
+                .execute(&mut *tx)
+                .await
+                .is_err()
+            {
+                let _ = tx.rollback().await;
+                return Run::Failed { committed: 0 };
+            }
             match self.run_handler(&mut tx, delivery, metadata, handler).await {
-                Some(outcome) => outcomes.push(outcome),
-                None => {
-                    tracing::debug!(consumer = %self.consumer, size = batch.len(), "batch failed; applying its messages one at a time");
-                    return BatchResult::OneByOne;
+                Ok(outcome) => outcomes.push(outcome),
+                Err(failure) => {
+                    let undone = sqlx::query("ROLLBACK TO SAVEPOINT delivery")
+                        .execute(&mut *tx)
+                        .await;
+                    if undone.is_err() {
+                        let _ = tx.rollback().await;
+                        return Run::Failed { committed: 0 };
+                    }
+                    stopped = Some(failure);
+                    break;
                 }
             }
         }
-        if let Err(error) = tx.commit().await {
+        if outcomes.is_empty() {
+            // Rolled back now, not when the connection goes back to the
+            // pool: the locks it holds would stall the next run.
+            let _ = tx.rollback().await;
+        } else if let Err(error) = commit_without_lock_timeout(tx).await {
             tracing::debug!(consumer = %self.consumer, %error, "batch commit failed; applying its messages one at a time");
-            return BatchResult::OneByOne;
+            return Run::Failed { committed: 0 };
         }
-        metrics::histogram!(crate::metrics::BATCH_SIZE, "consumer" => self.consumer.clone())
-            .record(batch.len() as f64);
-        for (delivery, outcome) in batch.iter().zip(outcomes) {
+        let committed = outcomes.len();
+        tracing::debug!(consumer = %self.consumer, committed, of = run.len(), elapsed = ?started.elapsed(), "run committed");
+        if committed > 1 {
+            metrics::histogram!(crate::metrics::BATCH_SIZE, "consumer" => self.consumer.clone())
+                .record(committed as f64);
+        }
+        for ((delivery, _, _), outcome) in run.iter().zip(outcomes) {
             if let Err(error) = self.settle(publisher, delivery, outcome, started).await {
                 // Committed but unacknowledged: redelivered after a
                 // reconnect and then recognised by the inbox.
                 tracing::warn!(consumer = %self.consumer, error = format!("{error:#}"), "failed to acknowledge a committed batch");
-                return BatchResult::Stopped;
+                return Run::Stopped;
             }
         }
-        BatchResult::Settled
+        match stopped {
+            None => Run::Done,
+            Some(RunFailure::Contended) => Run::Contended { committed },
+            Some(RunFailure::Other) => Run::Failed { committed },
+        }
     }
 
     /// Records one message in the inbox and runs its handler inside `tx`.
-    /// `Some(Handled | Duplicate)` on success, `None` on any failure (the
-    /// transaction must then be rolled back).
     async fn run_handler(
         &self,
         tx: &mut HandlerTx,
         delivery: &Delivery,
         metadata: &Metadata,
         handler: &Arc<dyn Dispatch>,
-    ) -> Option<Outcome> {
+    ) -> Result<Outcome, RunFailure> {
         let span = self.span(metadata);
         async {
             match inbox::record(tx, &self.consumer, metadata.message_id, &metadata.event_type)
                 .await
             {
                 Ok(true) => {}
-                Ok(false) => return Some(Outcome::Duplicate),
-                Err(_) => return None,
+                Ok(false) => return Ok(Outcome::Duplicate),
+                Err(error) if is_contention_sqlx(&error) => return Err(RunFailure::Contended),
+                Err(_) => return Err(RunFailure::Other),
             }
             let started = Instant::now();
             let result = AssertUnwindSafe(handler.dispatch(tx, &delivery.data, metadata))
@@ -533,7 +651,15 @@ impl Inner {
                 .await;
             metrics::histogram!(crate::metrics::HANDLER_SECONDS, "consumer" => self.consumer.clone(), "event_type" => metadata.event_type.clone())
                 .record(started.elapsed().as_secs_f64());
-            matches!(result, Ok(Ok(()))).then_some(Outcome::Handled)
+            match result {
+                Ok(Ok(())) => Ok(Outcome::Handled),
+                Ok(Err(HandlerError::Transient(error) | HandlerError::Permanent(error)))
+                    if is_contention(&error) =>
+                {
+                    Err(RunFailure::Contended)
+                }
+                _ => Err(RunFailure::Other),
+            }
         }
         .instrument(span)
         .await
@@ -580,15 +706,21 @@ impl Inner {
                 .await;
             metrics::histogram!(crate::metrics::HANDLER_SECONDS, "consumer" => self.consumer.clone(), "event_type" => metadata.event_type.clone())
                 .record(started.elapsed().as_secs_f64());
-            match result {
-                Ok(Ok(())) => match tx.commit().await {
-                    Ok(()) => Outcome::Handled,
-                    Err(error) => Outcome::Retry(format!("commit failed: {error}")),
-                },
+            let failed = match result {
+                Ok(Ok(())) => {
+                    return match tx.commit().await {
+                        Ok(()) => Outcome::Handled,
+                        Err(error) => Outcome::Retry(format!("commit failed: {error}")),
+                    };
+                }
                 Ok(Err(HandlerError::Transient(error))) => Outcome::Retry(format!("{error:#}")),
                 Ok(Err(HandlerError::Permanent(error))) => Outcome::DeadLetter(format!("{error:#}")),
                 Err(_) => Outcome::Retry("the handler panicked".to_owned()),
-            }
+            };
+            // Release the handler's locks at once rather than when the
+            // connection is next used.
+            let _ = tx.rollback().await;
+            failed
         }
         .instrument(span)
         .await

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Result;
+use shop_proto::events::v1::{OrderLine, OrderPlaced};
 use support::{Mode, Recorder, Setup};
 use uuid::Uuid;
 
@@ -177,5 +178,71 @@ async fn a_crash_in_the_middle_of_a_batch_commits_none_of_it_and_the_redelivery_
     running.stop().await?;
     let applied = applied_in_order(&setup).await?;
     assert_once_and_in_order(&applied, 1, 30);
+    Ok(())
+}
+
+#[tokio::test]
+async fn batches_that_lock_the_same_rows_in_opposite_orders_all_apply_once() -> Result<()> {
+    let setup = Setup::new().await?;
+    let keys = ["a", "b", "c", "d", "e"];
+    for key in keys {
+        sqlx::query("INSERT INTO counters (key) VALUES ($1)")
+            .bind(key)
+            .execute(&setup.db.pool)
+            .await?;
+    }
+    let recorder = Recorder::new(Mode::CountLines);
+    setup.subscriber(&recorder).declare().await?;
+    // Every message touches two of five rows, in a random order: four lanes
+    // applying batches of them wait on each other, and deadlock, all the
+    // time.
+    let (aggregates, per_aggregate) = (16, 25);
+    let backlog: Vec<_> = events(aggregates, per_aggregate)
+        .into_iter()
+        .map(|(message_id, aggregate_id, order_id)| {
+            let first = rand::random_range(0..keys.len());
+            let second = (first + rand::random_range(1..keys.len())) % keys.len();
+            let event = OrderPlaced {
+                order_id,
+                lines: [first, second]
+                    .into_iter()
+                    .map(|k| OrderLine {
+                        product_id: keys[k].to_owned(),
+                        quantity: 1,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            (message_id, aggregate_id, event)
+        })
+        .collect();
+    setup.publish_orders(&backlog).await?;
+
+    let running = setup.start(&recorder).await?;
+    wait_for_applied(&setup, aggregates * per_aggregate).await?;
+    shop_tests::eventually(Duration::from_secs(30), "the queue drained", || async {
+        Ok((setup.ready_messages().await? == 0).then_some(()))
+    })
+    .await?;
+    running.stop().await?;
+
+    let applied = applied_in_order(&setup).await?;
+    assert_eq!(
+        applied.len(),
+        aggregates * per_aggregate,
+        "duplicates applied"
+    );
+    let counted: i64 = sqlx::query_scalar("SELECT sum(n)::bigint FROM counters")
+        .fetch_one(&setup.db.pool)
+        .await?;
+    assert_eq!(
+        counted as usize,
+        2 * aggregates * per_aggregate,
+        "a message's effect was applied twice or not at all"
+    );
+    let conn = setup.broker.connect().await?;
+    let letters = shop_subscriber::dlq::list(&conn, &setup.queue).await?;
+    assert!(letters.is_empty(), "dead-lettered: {letters:?}");
     Ok(())
 }

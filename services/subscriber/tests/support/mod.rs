@@ -41,6 +41,10 @@ pub enum Mode {
     /// Records the event, signals `wrote`, and finishes only once `release`
     /// is notified.
     WaitForRelease,
+    /// Adds one to the `counters` row of each line's product, in line
+    /// order (not sorted, so concurrent transactions can deadlock), then
+    /// records the event.
+    CountLines,
 }
 
 /// The test handler: writes one `applied` row per call, in the transaction.
@@ -93,6 +97,14 @@ impl EventHandler<OrderPlaced> for Recorder {
                 )));
             }
         }
+        if mode == Mode::CountLines {
+            for line in &event.lines {
+                sqlx::query("UPDATE counters SET n = n + 1 WHERE key = $1")
+                    .bind(&line.product_id)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
         sqlx::query(
             "INSERT INTO applied (message_id, order_id, attempt, redelivered) VALUES ($1, $2, $3, $4)",
         )
@@ -136,6 +148,9 @@ impl Setup {
         .execute(&db.pool)
         .await?;
         sqlx::query("CREATE TABLE known_orders (order_id text PRIMARY KEY)")
+            .execute(&db.pool)
+            .await?;
+        sqlx::query("CREATE TABLE counters (key text PRIMARY KEY, n bigint NOT NULL DEFAULT 0)")
             .execute(&db.pool)
             .await?;
         let broker = TestBroker::new().await;
@@ -205,6 +220,23 @@ impl Setup {
     /// order id) on one channel, in order, pipelined, and waits for every
     /// confirm.
     pub async fn publish_events(&self, events: &[(uuid::Uuid, String, String)]) -> Result<()> {
+        let events: Vec<(uuid::Uuid, String, OrderPlaced)> = events
+            .iter()
+            .map(|(message_id, aggregate_id, order_id)| {
+                let event = OrderPlaced {
+                    order_id: order_id.clone(),
+                    ..Default::default()
+                };
+                (*message_id, aggregate_id.clone(), event)
+            })
+            .collect();
+        self.publish_orders(&events).await
+    }
+
+    /// Publishes OrderPlaced events given as (message id, aggregate id,
+    /// event) on one channel, in order, pipelined, and waits for every
+    /// confirm.
+    pub async fn publish_orders(&self, events: &[(uuid::Uuid, String, OrderPlaced)]) -> Result<()> {
         let conn = self.broker.connect().await?;
         let channel = conn.create_channel().await?;
         channel
@@ -212,12 +244,8 @@ impl Setup {
             .await?;
         for chunk in events.chunks(500) {
             let mut confirms = Vec::with_capacity(chunk.len());
-            for (message_id, aggregate_id, order_id) in chunk {
-                let payload = OrderPlaced {
-                    order_id: order_id.clone(),
-                    ..Default::default()
-                }
-                .encode_to_vec();
+            for (message_id, aggregate_id, event) in chunk {
+                let payload = event.encode_to_vec();
                 let mut headers = FieldTable::default();
                 headers.insert(
                     "aggregate_id".into(),
