@@ -282,9 +282,14 @@ impl Worker {
                 && pipeline.len() < depth
                 && !owned.is_empty()
             {
-                let mut rows = store::fetch_pending(conn, &owned, settings.batch_size)
-                    .await
-                    .context("failed to fetch pending rows")?;
+                let mut rows = store::fetch_pending(
+                    conn,
+                    &owned,
+                    settings.batch_size,
+                    &pipeline.in_flight_ids(),
+                )
+                .await
+                .context("failed to fetch pending rows")?;
                 let fetched = rows.len();
                 let full = fetched as i64 == settings.batch_size;
                 if fetched > 0 {
@@ -309,17 +314,32 @@ impl Worker {
             // Wait for a batch to finish, a notification or a timer.
             let deadline = if pipeline.is_empty() {
                 idle.deadline(settings.poll_interval).min(next_rebalance)
+            } else if Instant::now() < next_rebalance {
+                next_rebalance
             } else {
-                next_rebalance.max(Instant::now() + Duration::from_millis(1))
+                // A rebalance waits for the batches in flight.
+                Instant::now() + settings.confirm_timeout
             };
             tokio::select! {
                 _ = shutdown.cancelled(), if !stopping => {}
                 finished = pipeline.next_finished(), if !pipeline.is_empty() => {
                     let mut outcomes = vec![finished?];
+                    let mut failed = None;
                     while let Some(more) = pipeline.try_next_finished() {
-                        outcomes.push(more?);
+                        match more {
+                            Ok(outcome) => outcomes.push(outcome),
+                            Err(error) => {
+                                failed = Some(error);
+                                break;
+                            }
+                        }
                     }
+                    // Batches the broker confirmed are marked even when
+                    // another one failed, so they are not published again.
                     self.settle(conn, outcomes).await?;
+                    if let Some(error) = failed {
+                        return Err(error);
+                    }
                     fetch = true;
                 }
                 _ = wake.notified() => fetch = true,
@@ -390,7 +410,7 @@ impl Worker {
 
 /// A batch the broker has confirmed (or failed row by row), with the
 /// aggregates it held.
-type Published = (Vec<(String, String)>, BatchOutcome);
+type Published = (Vec<(String, String)>, Vec<i64>, BatchOutcome);
 
 /// Batches published and awaiting their confirms, and the aggregates they
 /// hold (no two batches in flight share an aggregate).
@@ -398,6 +418,7 @@ type Published = (Vec<(String, String)>, BatchOutcome);
 struct Pipeline {
     tasks: JoinSet<Result<Published, PublishError>>,
     busy: HashSet<(String, String)>,
+    in_flight: HashSet<i64>,
 }
 
 impl Pipeline {
@@ -407,6 +428,11 @@ impl Pipeline {
 
     fn is_empty(&self) -> bool {
         self.tasks.is_empty()
+    }
+
+    /// The ids of the rows being published.
+    fn in_flight_ids(&self) -> Vec<i64> {
+        self.in_flight.iter().copied().collect()
     }
 
     /// Drops the rows of aggregates that have rows in flight.
@@ -430,10 +456,12 @@ impl Pipeline {
             .into_iter()
             .collect();
         self.busy.extend(aggregates.iter().cloned());
+        let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+        self.in_flight.extend(&ids);
         let publisher = publisher.clone();
         self.tasks.spawn(async move {
             let outcome = publisher.publish_batch(&rows).await?;
-            Ok((aggregates, outcome))
+            Ok((aggregates, ids, outcome))
         });
     }
 
@@ -456,11 +484,14 @@ impl Pipeline {
         &mut self,
         finished: Result<Result<Published, PublishError>, tokio::task::JoinError>,
     ) -> anyhow::Result<BatchOutcome> {
-        let (aggregates, outcome) = finished
+        let (aggregates, ids, outcome) = finished
             .context("a publishing task failed")?
             .context("failed to publish")?;
         for aggregate in &aggregates {
             self.busy.remove(aggregate);
+        }
+        for id in &ids {
+            self.in_flight.remove(id);
         }
         Ok(outcome)
     }

@@ -41,17 +41,18 @@ pub async fn partition_count(conn: &mut PgConnection) -> sqlx::Result<i32> {
         .await
 }
 
-/// The oldest pending rows of the given partitions, in publication order.
+/// The oldest pending rows of the given partitions, in publication order,
+/// leaving out `in_flight` (rows being published, not yet marked).
 ///
 /// A row is left out while an earlier row of its aggregate is quarantined
 /// or waiting for a retry, so an aggregate's events never overtake each
-/// other. (Rows of aggregates still being published are left out by the
-/// caller: as a query parameter, a set that changes with every call would
-/// get a generic plan that scans it once per row.)
+/// other. (Later rows of aggregates with rows in flight are left out by the
+/// caller.)
 pub async fn fetch_pending(
     conn: &mut PgConnection,
     partitions: &[i32],
     limit: i64,
+    in_flight: &[i64],
 ) -> sqlx::Result<Vec<PendingRow>> {
     // The blocked aggregates are gathered once per fetch, not looked up
     // per row: statistics taken while the outbox was empty (as it usually
@@ -71,6 +72,7 @@ pub async fn fetch_pending(
          FROM outbox o \
          WHERE o.published_at IS NULL \
            AND o.partition = ANY($1) \
+           AND o.id <> ALL($3) \
            AND NOT EXISTS ( \
                SELECT 1 FROM blocked b \
                WHERE b.aggregate_type = o.aggregate_type \
@@ -81,6 +83,10 @@ pub async fn fetch_pending(
     )
     .bind(partitions)
     .bind(limit)
+    .bind(in_flight)
+    // Planned with its values each time: the in-flight ids are then a
+    // constant PostgreSQL hashes, not a parameter it scans for every row.
+    .persistent(false)
     .fetch_all(conn)
     .await
 }
@@ -90,6 +96,7 @@ pub async fn fetch_pending(
 /// the transactions in progress once the arming was visible; a writer that
 /// checked before then is one of them (see [`all_finished`]).
 pub async fn arm(conn: &mut PgConnection, partitions: &[i32]) -> sqlx::Result<Vec<i64>> {
+    forget_dead_listeners(&mut *conn).await?;
     sqlx::query(
         "INSERT INTO outbox_listener (pid, partitions) VALUES (pg_backend_pid(), $1) \
          ON CONFLICT (pid) DO UPDATE SET partitions = $1, armed_at = now()",

@@ -32,6 +32,13 @@ pub fn subscribers(settings: SubscriberSettings, pool: PgPool) -> [Subscriber; 2
         .on::<PaymentSucceeded, _>(Saga)
         .on::<PaymentFailed, _>(Saga)
         .on::<InventoryReservationFailed, _>(Saga)
+        // Earlier versions routed the history-only steps here too; those
+        // still queued are recorded (once: history rows are keyed by
+        // message) and the bindings removed.
+        .retire::<InventoryReserved, _>(Saga)
+        .retire::<InventoryReleased, _>(Saga)
+        .retire::<InventoryCommitted, _>(Saga)
+        .retire::<NotificationSent, _>(Saga)
         .build(pool.clone());
     let history = Subscriber::builder(crate::HISTORY_CONSUMER, "order.history", settings)
         .on::<InventoryReserved, _>(Saga)

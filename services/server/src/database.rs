@@ -11,9 +11,10 @@ use sqlx::postgres::PgPoolOptions;
 ///
 /// API calls and every subscriber lane draw from one pool. A lane holds a
 /// connection only while it applies a batch, and batching makes each
-/// connection carry many messages, so a small pool serves a busy service;
-/// PostgreSQL's own limit (100 connections by default) is shared by every
-/// service and relay on the server.
+/// connection carry many messages. Size it for the API's concurrent calls
+/// plus one per lane (the order service's WatchOrder listener holds one
+/// more for good); PostgreSQL's own limit (100 connections by default) is
+/// shared by every service and relay on the server.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PoolSettings {
     /// Most connections the service opens to its database.

@@ -104,6 +104,7 @@ pub struct SubscriberBuilder {
     queue: String,
     settings: SubscriberSettings,
     handlers: HashMap<String, Arc<dyn Dispatch>>,
+    retired: Vec<String>,
 }
 
 impl std::fmt::Debug for SubscriberBuilder {
@@ -135,14 +136,37 @@ impl SubscriberBuilder {
         self
     }
 
+    /// For events of type `E` that an earlier version routed to this queue
+    /// and that now go to another one: removes the binding, and handles
+    /// with `handler` the ones still queued here (the handler must be
+    /// idempotent, as the new queue's may apply them too), so an upgrade
+    /// strands none of them.
+    pub fn retire<E, H>(mut self, handler: H) -> Self
+    where
+        E: prost::Message + prost::Name + Default + 'static,
+        H: EventHandler<E>,
+    {
+        self = self.on::<E, H>(handler);
+        self.retired.push(E::full_name());
+        self
+    }
+
     /// Finishes the subscriber; it applies messages through `pool`.
     pub fn build(self, pool: PgPool) -> Subscriber {
-        let mut routing_keys: Vec<String> = self.handlers.keys().cloned().collect();
+        let mut routing_keys: Vec<String> = self
+            .handlers
+            .keys()
+            .filter(|key| !self.retired.contains(key))
+            .cloned()
+            .collect();
         routing_keys.sort();
+        let mut retired_keys = self.retired;
+        retired_keys.sort();
         let topology = Topology {
             exchange: self.settings.exchange.clone(),
             queue: format!("{}{}", self.settings.queue_prefix, self.queue),
             routing_keys,
+            retired_keys,
             kind: self.settings.queue_kind,
             max_attempts: self.settings.max_attempts,
         };
@@ -203,6 +227,7 @@ impl Subscriber {
             queue: queue.into(),
             settings,
             handlers: HashMap::new(),
+            retired: Vec::new(),
         }
     }
 

@@ -35,6 +35,9 @@ pub struct Topology {
     pub queue: String,
     /// Routing keys (event types) bound to the work queue.
     pub routing_keys: Vec<String>,
+    /// Routing keys an earlier version bound to the work queue and this one
+    /// removes (the events now go to another queue).
+    pub retired_keys: Vec<String>,
     /// Kind of the work queue and dead-letter queue.
     pub kind: QueueKind,
     /// Attempts before a message is dead-lettered; one retry queue per
@@ -107,6 +110,16 @@ impl Topology {
                 )
                 .await?;
         }
+        for key in &self.retired_keys {
+            channel
+                .queue_unbind(
+                    self.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    key.as_str().into(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
         Ok(())
     }
 
@@ -173,6 +186,7 @@ mod tests {
             exchange: "shop.events".into(),
             queue: "inventory.events".into(),
             routing_keys: vec![],
+            retired_keys: vec![],
             kind: QueueKind::Quorum,
             max_attempts: 3,
         };

@@ -257,3 +257,37 @@ async fn graceful_shutdown_finishes_the_handler_in_flight_and_acknowledges_it() 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_retired_event_type_stops_being_routed_and_what_was_queued_is_still_applied() -> Result<()>
+{
+    let setup = Setup::new().await?;
+    let recorder = Recorder::new(Mode::Apply);
+    // An earlier version of the service consumed OrderPlaced on this queue.
+    setup.subscriber(&recorder).declare().await?;
+    let queued = Uuid::now_v7();
+    setup.publish(queued, "order-queued").await?;
+
+    // This version moved it elsewhere.
+    let subscriber = shop_subscriber::Subscriber::builder(
+        support::CONSUMER,
+        &setup.queue,
+        setup.settings.clone(),
+    )
+    .retire::<shop_proto::events::v1::OrderPlaced, _>(recorder.clone())
+    .build(setup.db.pool.clone());
+    subscriber.declare().await?;
+    let after = setup.publish(Uuid::now_v7(), "order-after").await;
+    assert!(
+        after.is_err(),
+        "the retired binding still routes OrderPlaced to the queue"
+    );
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(subscriber.run_until_stopped(shutdown.clone()));
+    let rows = setup.wait_applied("order-queued").await?;
+    shutdown.cancel();
+    running.await??;
+    assert_eq!(rows.len(), 1, "the queued event was not applied once");
+    Ok(())
+}
