@@ -1,7 +1,5 @@
-//! A RabbitMQ restart in the middle of a stream loses nothing.
-//!
-//! This test restarts the shared broker, so it lives in a test binary of its
-//! own: no other test runs while the broker is down.
+//! A RabbitMQ restart in the middle of a stream loses nothing, on a broker
+//! node of the test's own.
 
 mod support;
 
@@ -12,7 +10,8 @@ use support::{RunningRelay, Setup, assert_complete_and_in_order};
 
 #[tokio::test]
 async fn broker_restart_mid_stream_loses_nothing() -> Result<()> {
-    let setup = Setup::new().await?;
+    let node = shop_tests::PrivateBroker::start().await?;
+    let setup = Setup::on_broker(shop_tests::TestBroker::on(&node.url)).await?;
     let (aggregates, per_aggregate) = (20, 200);
     setup.insert_events(aggregates, per_aggregate, 400).await?;
     let collector = setup.consume();
@@ -24,10 +23,9 @@ async fn broker_restart_mid_stream_loses_nothing() -> Result<()> {
         Ok((!collector.received().is_empty()).then_some(()))
     })
     .await?;
-    let servers = shop_tests::servers().await;
-    servers.stop_broker().await?;
+    node.stop_app().await?;
     let unpublished = setup.unpublished().await;
-    servers.start_broker().await?;
+    node.start_app().await?;
     assert!(
         unpublished? > 0,
         "the relay finished before the broker stopped; the test proves nothing"

@@ -373,13 +373,22 @@ async fn an_idle_relay_is_woken_by_every_commit_whenever_it_lands() -> Result<()
     let collector = setup.consume();
     let relay = RunningRelay::start(settings_without_polling(&setup)).await?;
 
-    // Each event alone, at a random moment after the previous one arrived:
-    // before, during and after the relay arms itself for notifications.
-    // Were any commit left unannounced, it would wait an hour for the poll.
+    // Each event alone, committed either right after the previous one
+    // arrived (the relay is still busy or lingering, not armed) or once the
+    // relay has armed itself again. Were any commit left unannounced, it
+    // would wait an hour for the poll.
     let events = 60;
     for n in 0..events {
-        let gap = rand::random_range(0..40);
-        tokio::time::sleep(Duration::from_millis(gap)).await;
+        if n % 2 == 1 {
+            shop_tests::eventually(TIMEOUT, "the relay to arm itself", || async {
+                let armed: bool =
+                    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox_listener)")
+                        .fetch_one(&setup.db.pool)
+                        .await?;
+                Ok(armed.then_some(()))
+            })
+            .await?;
+        }
         let mut tx = setup.db.pool.begin().await?;
         insert_event(&mut tx, "agg-0", n, Vec::new()).await?;
         tx.commit().await?;

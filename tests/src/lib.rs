@@ -6,7 +6,14 @@
 //! ([`TestDatabase`]) and broker names of its own ([`TestBroker`]), so tests
 //! run in parallel, and both are removed when the test ends, pass or fail.
 //!
+//! Tests that stop or restart the broker get a node of their own
+//! ([`PrivateBroker`]).
+//!
 //! Set `TEST_LOG=1` to see the code under test's tracing output.
+
+mod private_broker;
+
+pub use private_broker::PrivateBroker;
 
 use std::sync::Once;
 use std::time::Duration;
@@ -90,45 +97,6 @@ async fn start_containers() -> Result<Servers> {
         amqp_url: format!("amqp://guest:guest@{amqp_host}:{amqp_port}/%2f"),
         containers: Some(containers),
     })
-}
-
-impl Servers {
-    /// Stops the RabbitMQ application; clients lose their connections and
-    /// cannot reconnect until [`Servers::start_broker`].
-    pub async fn stop_broker(&self) -> Result<()> {
-        self.rabbitmqctl(&["stop_app"]).await
-    }
-
-    /// Starts the RabbitMQ application again and waits until it is up.
-    pub async fn start_broker(&self) -> Result<()> {
-        self.rabbitmqctl(&["start_app"]).await?;
-        self.rabbitmqctl(&["await_startup"]).await
-    }
-
-    async fn rabbitmqctl(&self, args: &[&str]) -> Result<()> {
-        match self.containers {
-            Some(containers) => {
-                let mut cmd = vec!["rabbitmqctl"];
-                cmd.extend_from_slice(args);
-                let result = containers
-                    .rabbitmq
-                    .exec(testcontainers_modules::testcontainers::core::ExecCommand::new(cmd))
-                    .await?;
-                let code = result.exit_code().await?;
-                anyhow::ensure!(code == Some(0), "rabbitmqctl {args:?} exited with {code:?}");
-            }
-            None => {
-                let status = tokio::process::Command::new("rabbitmqctl")
-                    .args(args)
-                    .stdout(std::process::Stdio::null())
-                    .status()
-                    .await
-                    .context("failed to run rabbitmqctl")?;
-                anyhow::ensure!(status.success(), "rabbitmqctl {args:?} failed: {status}");
-            }
-        }
-        Ok(())
-    }
 }
 
 fn init_tracing() {
@@ -259,9 +227,14 @@ pub struct TestBroker {
 impl TestBroker {
     /// Reserves a fresh name prefix on the test broker.
     pub async fn new() -> Self {
-        let servers = servers().await;
+        Self::on(&servers().await.amqp_url)
+    }
+
+    /// Reserves a fresh name prefix on the broker at `url` (for example a
+    /// [`PrivateBroker`]).
+    pub fn on(url: &str) -> Self {
         Self {
-            url: servers.amqp_url.clone(),
+            url: url.to_owned(),
             prefix: format!("test.{}", Uuid::new_v4().simple()),
             names: std::sync::Mutex::new(Vec::new()),
         }

@@ -35,8 +35,13 @@ pub struct Setup {
 
 impl Setup {
     pub async fn new() -> Result<Self> {
+        Self::on_broker(TestBroker::new().await).await
+    }
+
+    /// Like [`Setup::new`], with its names on `broker` (for example a
+    /// private node the test may stop).
+    pub async fn on_broker(broker: TestBroker) -> Result<Self> {
         let db = TestDatabase::create(&shop_outbox::MIGRATOR).await?;
-        let broker = TestBroker::new().await;
         let exchange = broker.name("events");
         let queue = broker.name("all");
         let conn = broker.connect().await?;

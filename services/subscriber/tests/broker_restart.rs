@@ -1,6 +1,5 @@
 //! A RabbitMQ restart while a subscriber is consuming loses nothing and
-//! applies nothing twice. Restarts the shared broker, so it is alone in its
-//! test binary.
+//! applies nothing twice, on a broker node of the test's own.
 
 mod support;
 
@@ -11,7 +10,8 @@ use support::{Mode, Recorder, Setup};
 
 #[tokio::test]
 async fn broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice() -> Result<()> {
-    let setup = Setup::new().await?;
+    let node = shop_tests::PrivateBroker::start().await?;
+    let setup = Setup::on_broker(shop_tests::TestBroker::on(&node.url)).await?;
     let recorder = Recorder::new(Mode::Apply);
     setup.subscriber(&recorder).declare().await?;
     let total = 10_000;
@@ -29,10 +29,9 @@ async fn broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice() -> 
         Ok((count().await? > 0).then_some(()))
     })
     .await?;
-    let servers = shop_tests::servers().await;
-    servers.stop_broker().await?;
+    node.stop_app().await?;
     let applied = count().await;
-    servers.start_broker().await?;
+    node.start_app().await?;
     assert!(
         applied? < total,
         "everything was applied before the broker stopped; the test proves nothing"

@@ -138,6 +138,12 @@ pub struct Setup {
 
 impl Setup {
     pub async fn new() -> Result<Self> {
+        Self::on_broker(TestBroker::new().await).await
+    }
+
+    /// Like [`Setup::new`], with its names on `broker` (for example a
+    /// private node the test may stop).
+    pub async fn on_broker(broker: TestBroker) -> Result<Self> {
         let migrator =
             shop_outbox::migrator([&shop_outbox::MIGRATOR, &shop_subscriber::inbox::MIGRATOR]);
         let db = TestDatabase::create(&migrator).await?;
@@ -153,7 +159,6 @@ impl Setup {
         sqlx::query("CREATE TABLE counters (key text PRIMARY KEY, n bigint NOT NULL DEFAULT 0)")
             .execute(&db.pool)
             .await?;
-        let broker = TestBroker::new().await;
         let mut settings = SubscriberSettings::new(&broker.url);
         settings.exchange = broker.name("events");
         settings.max_attempts = 3;
