@@ -106,6 +106,19 @@ pub struct RelaySettings {
     #[arg(long, env = "OUTBOX_RELAY_CONFIRM_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub confirm_timeout: Duration,
 
+    /// Longest silence on the lease connection before PostgreSQL ends the
+    /// session and frees its partitions (`idle_session_timeout`). A frozen
+    /// or cut-off instance loses its partitions to the others this long
+    /// after it stopped; a live one touches its connection three times as
+    /// often, and gives up on any statement that takes longer.
+    #[arg(long, env = "OUTBOX_RELAY_LEASE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_timeout: Duration,
+
+    /// Health turns NOT_SERVING when a row ready to publish has waited this
+    /// long and this instance published nothing in that time.
+    #[arg(long, env = "OUTBOX_RELAY_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
+
     /// Failed attempts after which a row is quarantined.
     #[arg(long, env = "OUTBOX_RELAY_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
     pub max_attempts: i32,
@@ -176,9 +189,22 @@ impl RelaySettings {
             "--database-url must start with postgres:// or postgresql://"
         );
         anyhow::ensure!(!self.exchange.is_empty(), "--exchange must not be empty");
+        // Both travel as AMQP short strings.
+        anyhow::ensure!(
+            self.exchange.len() <= 255 && self.source.len() <= 255,
+            "--exchange and --source must be at most 255 bytes"
+        );
         anyhow::ensure!(
             !self.poll_interval.is_zero() && !self.rebalance_interval.is_zero(),
             "--poll-interval and --rebalance-interval must be positive"
+        );
+        anyhow::ensure!(
+            self.lease_timeout >= Duration::from_secs(1),
+            "--lease-timeout must be at least 1s"
+        );
+        anyhow::ensure!(
+            !self.stall_timeout.is_zero(),
+            "--stall-timeout must be positive"
         );
         anyhow::ensure!(
             self.retry_backoff <= self.max_retry_backoff,

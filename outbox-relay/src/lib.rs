@@ -5,9 +5,11 @@
 //! - [`lease`] shares the outbox between instances by partition;
 //! - [`publisher`] publishes with confirms, in order per aggregate;
 //! - [`store`] holds the SQL; [`sweeper`] deletes old published rows;
+//! - [`health`] decides what the health service reports;
 //! - [`config`] is the command line; [`metrics`] names what is measured.
 
 pub mod config;
+pub mod health;
 pub mod lease;
 pub mod metrics;
 pub mod publisher;

@@ -18,6 +18,8 @@ pub const PUBLISH_FAILURES: &str = "outbox_relay_publish_failures_total";
 pub const PUBLISH_LATENCY: &str = "outbox_relay_commit_to_confirm_seconds";
 /// Partitions this instance holds (gauge).
 pub const PARTITIONS_OWNED: &str = "outbox_relay_partitions_owned";
+/// 1 while the outbox is stalled (see the `health` module), else 0 (gauge).
+pub const STALLED: &str = "outbox_relay_stalled";
 /// Published rows deleted by the sweeper (counter).
 pub const SWEPT: &str = "outbox_relay_swept_total";
 

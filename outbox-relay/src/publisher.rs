@@ -22,6 +22,9 @@ use lapin::{
 
 use crate::store::{Failure, PendingRow};
 
+/// Longest AMQP short string (routing key, `type`, `content-type`), in bytes.
+const MAX_SHORT_STRING: usize = 255;
+
 /// AMQP delivery mode of messages that survive a broker restart.
 const PERSISTENT: u8 = 2;
 
@@ -110,6 +113,7 @@ impl Publisher {
                     continue;
                 }
                 if row.payload.len() > self.max_payload_bytes {
+                    // Retried: the limit is a setting an operator may raise.
                     outcome.failed.push(Failure {
                         id: row.id,
                         error: format!(
@@ -117,6 +121,16 @@ impl Publisher {
                             row.payload.len(),
                             self.max_payload_bytes
                         ),
+                        permanent: false,
+                    });
+                    blocked.insert(aggregate);
+                    continue;
+                }
+                if let Some(error) = unpublishable(row) {
+                    outcome.failed.push(Failure {
+                        id: row.id,
+                        error,
+                        permanent: true,
                     });
                     blocked.insert(aggregate);
                     continue;
@@ -160,7 +174,11 @@ impl Publisher {
                     Confirmation::NotRequested => "publisher confirms are off".to_owned(),
                 };
                 blocked.insert((row.aggregate_type.as_str(), row.aggregate_id.as_str()));
-                outcome.failed.push(Failure { id: row.id, error });
+                outcome.failed.push(Failure {
+                    id: row.id,
+                    error,
+                    permanent: false,
+                });
             }
         }
         Ok(outcome)
@@ -209,6 +227,24 @@ impl Publisher {
         let _ = self.channel.close(200, "OK".into()).await;
         let _ = self.connection.close(200, "OK".into()).await;
     }
+}
+
+/// Why a row can never be published, by any relay, if it cannot: a value
+/// AMQP carries as a short string (at most 255 bytes) is longer. Rows
+/// written through `shop_outbox::enqueue` never are; other writers may.
+fn unpublishable(row: &PendingRow) -> Option<String> {
+    [
+        ("event_type", &row.event_type),
+        ("content_type", &row.content_type),
+    ]
+    .into_iter()
+    .find(|(_, value)| value.len() > MAX_SHORT_STRING)
+    .map(|(field, value)| {
+        format!(
+            "{field} is {} bytes; AMQP allows at most {MAX_SHORT_STRING}",
+            value.len()
+        )
+    })
 }
 
 /// Splits rows (in publication order) into waves: wave `k` holds the `k`-th

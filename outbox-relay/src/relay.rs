@@ -26,9 +26,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
 use crate::config::RelaySettings;
+use crate::health::Health;
 use crate::lease::{LEASE_APPLICATION_NAME, Leases};
 use crate::publisher::{BatchOutcome, PublishError, Publisher};
 use crate::{store, sweeper};
@@ -87,6 +87,7 @@ impl Relay {
         reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
+        let health = Arc::new(Health::new(reporter));
         let health_shutdown = CancellationToken::new();
         let health_server = tokio::spawn(
             tonic::transport::Server::builder()
@@ -103,9 +104,8 @@ impl Relay {
             .connect_lazy_with(db_options.clone().application_name("outbox-relay-sweeper"));
         let sweeper = tokio::spawn(sweeper::run(
             sweeper_pool,
-            worker.settings.sweep_interval,
-            worker.settings.retention,
-            worker.settings.sweep_batch,
+            worker.settings.clone(),
+            health.clone(),
             shutdown.clone(),
         ));
 
@@ -118,19 +118,17 @@ impl Relay {
             ))
         });
 
-        let session_options = db_options.application_name(LEASE_APPLICATION_NAME);
+        let session_options = lease_options(db_options, worker.settings.lease_timeout);
         let mut backoff = RECONNECT_BACKOFF.0;
         while !shutdown.is_cancelled() {
             let started = Instant::now();
             match worker
-                .session(&session_options, &reporter, &wake, &shutdown)
+                .session(&session_options, &health, &wake, &shutdown)
                 .await
             {
                 Ok(()) => break,
                 Err(error) => {
-                    reporter
-                        .set_service_status("", ServingStatus::NotServing)
-                        .await;
+                    health.set_connected(false).await;
                     if started.elapsed() > Duration::from_secs(10) {
                         backoff = RECONNECT_BACKOFF.0;
                     }
@@ -144,9 +142,7 @@ impl Relay {
             }
         }
 
-        reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        health.set_connected(false).await;
         let _ = sweeper.await;
         if let Some(listener) = listener {
             let _ = listener.await;
@@ -159,6 +155,39 @@ impl Relay {
         tracing::info!("relay stopped");
         Ok(())
     }
+}
+
+/// Options of the lease connection. PostgreSQL ends the session, and with
+/// it the partition locks, after `lease_timeout` of silence: a relay that
+/// is frozen (SIGSTOP, a paused VM) or cut off by the network loses its
+/// partitions to the others within that time. The server's TCP keepalives
+/// also find a vanished peer within about the same time.
+fn lease_options(options: PgConnectOptions, lease_timeout: Duration) -> PgConnectOptions {
+    let millis = lease_timeout.as_millis().to_string();
+    let keepalive = (lease_timeout.as_secs() / 3).max(1).to_string();
+    options.application_name(LEASE_APPLICATION_NAME).options([
+        // Marks need not wait for the WAL flush: a mark lost in a database
+        // crash only means the row is published again, which at-least-once
+        // delivery allows. This takes an fsync off every batch.
+        ("synchronous_commit", "off"),
+        ("idle_session_timeout", millis.as_str()),
+        ("idle_in_transaction_session_timeout", millis.as_str()),
+        ("tcp_keepalives_idle", keepalive.as_str()),
+        ("tcp_keepalives_interval", keepalive.as_str()),
+        ("tcp_keepalives_count", "2"),
+    ])
+}
+
+/// Runs one statement (or a few) on the lease connection with a deadline
+/// of `limit`. Past it the session is given up: the connection may be cut
+/// off, and PostgreSQL frees an unresponsive session's partitions anyway.
+async fn within<T>(
+    limit: Duration,
+    future: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(limit, future)
+        .await
+        .map_err(|_| anyhow::anyhow!("the lease connection did not answer within {limit:?}"))?
 }
 
 /// The accepted connections of the health endpoint: `TCP_NODELAY` on, so
@@ -182,47 +211,54 @@ impl Worker {
     async fn session(
         &self,
         options: &PgConnectOptions,
-        reporter: &HealthReporter,
+        health: &Health,
         wake: &Notify,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let settings = &self.settings;
-        let mut conn = options
-            .connect()
-            .await
-            .context("failed to connect to PostgreSQL")?;
-        // Marks need not wait for the WAL flush: a mark lost in a database
-        // crash only means the row is published again, which at-least-once
-        // delivery allows. This takes an fsync off every batch.
-        sqlx::query("SET synchronous_commit = off")
-            .execute(&mut conn)
-            .await
-            .context("failed to configure the lease connection")?;
-        let partition_count = store::partition_count(&mut conn)
-            .await
-            .context("failed to read the outbox partition count; is the outbox migrated?")?;
-        let publisher = Publisher::connect(
-            &settings.amqp_url,
-            &settings.exchange,
-            &settings.source,
-            settings.max_payload_bytes,
+        let limit = settings.lease_timeout;
+        let mut conn = within(limit, async {
+            options
+                .connect()
+                .await
+                .context("failed to connect to PostgreSQL")
+        })
+        .await?;
+        let partition_count = within(limit, async {
+            store::partition_count(&mut conn)
+                .await
+                .context("failed to read the outbox partition count; is the outbox migrated?")
+        })
+        .await?;
+        let publisher = tokio::time::timeout(
             settings.confirm_timeout,
+            Publisher::connect(
+                &settings.amqp_url,
+                &settings.exchange,
+                &settings.source,
+                settings.max_payload_bytes,
+                settings.confirm_timeout,
+            ),
         )
         .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "RabbitMQ did not answer within {:?}",
+                settings.confirm_timeout
+            )
+        })?
         .context("failed to connect to RabbitMQ")?;
         tracing::info!(exchange = %settings.exchange, "relay connected");
-        reporter
-            .set_service_status("", ServingStatus::Serving)
-            .await;
+        health.set_connected(true).await;
 
         let publisher = Arc::new(publisher);
         let mut leases = Leases::new(partition_count);
         match self
-            .publish_loop(&mut conn, &publisher, &mut leases, wake, shutdown)
+            .publish_loop(&mut conn, &publisher, &mut leases, health, wake, shutdown)
             .await
         {
             Ok(()) => {
-                leases.release_all(&mut conn).await?;
+                within(limit, async { Ok(leases.release_all(&mut conn).await?) }).await?;
                 publisher.close().await;
                 let _ = conn.close().await;
                 Ok(())
@@ -239,17 +275,27 @@ impl Worker {
         conn: &mut PgConnection,
         publisher: &Arc<Publisher>,
         leases: &mut Leases,
+        health: &Health,
         wake: &Notify,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let settings = &self.settings;
+        let limit = settings.lease_timeout;
         let depth = usize::from(settings.pipeline_depth);
         let mut pipeline = Pipeline::default();
         let mut idle = Idle::new(settings.listen);
-        store::forget_dead_listeners(conn)
-            .await
-            .context("failed to clean up the listeners of dead relays")?;
+        within(limit, async {
+            store::forget_dead_listeners(conn)
+                .await
+                .context("failed to clean up the listeners of dead relays")
+        })
+        .await?;
         let mut next_rebalance = Instant::now();
+        // The lease connection is touched at least this often, so that
+        // PostgreSQL's idle_session_timeout only ends sessions of relays
+        // that stopped (frozen, cut off), never of one waiting for confirms.
+        let beat = limit / 3;
+        let mut next_beat = Instant::now() + beat;
         // Whether rows may be waiting: set by a full batch, a finished
         // batch (its aggregates may have more), a notification or a poll.
         let mut fetch = true;
@@ -258,18 +304,32 @@ impl Worker {
             if stopping && pipeline.is_empty() {
                 break;
             }
+            if Instant::now() >= next_beat {
+                within(limit, async {
+                    sqlx::query("SELECT 1")
+                        .execute(&mut *conn)
+                        .await
+                        .context("the lease connection failed")
+                })
+                .await?;
+                next_beat = Instant::now() + beat;
+            }
             // Leases change only with nothing in flight, so a partition is
             // never given away while its rows are being published.
             let rebalance_due = Instant::now() >= next_rebalance;
             if rebalance_due && pipeline.is_empty() && !stopping {
-                leases
-                    .rebalance(conn)
-                    .await
-                    .context("failed to rebalance partitions")?;
+                within(limit, async {
+                    leases
+                        .rebalance(conn)
+                        .await
+                        .context("failed to rebalance partitions")?;
+                    if idle.armed {
+                        idle.arm(conn, &leases.owned()).await?;
+                    }
+                    Ok(())
+                })
+                .await?;
                 next_rebalance = Instant::now() + settings.rebalance_interval;
-                if idle.armed {
-                    idle.arm(conn, &leases.owned()).await?;
-                }
                 fetch = true;
             }
 
@@ -282,14 +342,13 @@ impl Worker {
                 && pipeline.len() < depth
                 && !owned.is_empty()
             {
-                let mut rows = store::fetch_pending(
-                    conn,
-                    &owned,
-                    settings.batch_size,
-                    &pipeline.in_flight_ids(),
-                )
-                .await
-                .context("failed to fetch pending rows")?;
+                let in_flight = pipeline.in_flight_ids();
+                let mut rows = within(limit, async {
+                    store::fetch_pending(conn, &owned, settings.batch_size, &in_flight)
+                        .await
+                        .context("failed to fetch pending rows")
+                })
+                .await?;
                 let fetched = rows.len();
                 let full = fetched as i64 == settings.batch_size;
                 if fetched > 0 {
@@ -309,7 +368,7 @@ impl Worker {
                 fetch = full;
                 pipeline.start(publisher, rows);
             }
-            idle.after_fill(conn, found).await?;
+            within(limit, idle.after_fill(conn, found)).await?;
 
             // Wait for a batch to finish, a notification or a timer.
             let deadline = if pipeline.is_empty() {
@@ -319,7 +378,8 @@ impl Worker {
             } else {
                 // A rebalance waits for the batches in flight.
                 Instant::now() + settings.confirm_timeout
-            };
+            }
+            .min(next_beat);
             tokio::select! {
                 _ = shutdown.cancelled(), if !stopping => {}
                 finished = pipeline.next_finished(), if !pipeline.is_empty() => {
@@ -336,7 +396,7 @@ impl Worker {
                     }
                     // Batches the broker confirmed are marked even when
                     // another one failed, so they are not published again.
-                    self.settle(conn, outcomes).await?;
+                    within(limit, self.settle(conn, health, outcomes)).await?;
                     if let Some(error) = failed {
                         return Err(error);
                     }
@@ -345,7 +405,7 @@ impl Worker {
                 _ = wake.notified() => fetch = true,
                 _ = tokio::time::sleep_until(deadline) => {
                     if pipeline.is_empty()
-                        && idle.on_timer(conn, &owned, settings.poll_interval).await?
+                        && within(limit, idle.on_timer(conn, &owned, settings.poll_interval)).await?
                     {
                         fetch = true;
                     }
@@ -353,7 +413,10 @@ impl Worker {
             }
         }
         if idle.armed {
-            store::disarm(conn).await.context("failed to disarm")?;
+            within(limit, async {
+                store::disarm(conn).await.context("failed to disarm")
+            })
+            .await?;
         }
         Ok(())
     }
@@ -363,6 +426,7 @@ impl Worker {
     async fn settle(
         &self,
         conn: &mut PgConnection,
+        health: &Health,
         outcomes: Vec<BatchOutcome>,
     ) -> anyhow::Result<()> {
         let published: Vec<i64> = outcomes
@@ -372,6 +436,9 @@ impl Worker {
         store::mark_published(conn, &published)
             .await
             .context("failed to mark rows published")?;
+        if !published.is_empty() {
+            health.progressed();
+        }
         let failed: Vec<store::Failure> = outcomes
             .into_iter()
             .flat_map(|outcome| outcome.failed)

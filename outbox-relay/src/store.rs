@@ -32,6 +32,9 @@ pub struct PendingRow {
 pub struct Failure {
     pub id: i64,
     pub error: String,
+    /// Whether trying again cannot help (the row can never be published as
+    /// it is): such a row goes to quarantine at once.
+    pub permanent: bool,
 }
 
 /// Number of partitions aggregates hash into.
@@ -159,7 +162,8 @@ pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Resul
 
 /// Records failed attempts: each row waits `backoff * 2^(attempts-1)` (at
 /// most `max_backoff`) before its next try, and is quarantined once it has
-/// failed `max_attempts` times. Returns the ids quarantined by this call.
+/// failed `max_attempts` times, or at once if the failure is permanent.
+/// Returns the ids quarantined by this call.
 pub async fn record_failures(
     conn: &mut PgConnection,
     failures: &[Failure],
@@ -172,6 +176,7 @@ pub async fn record_failures(
     }
     let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
     let errors: Vec<String> = failures.iter().map(|f| f.error.clone()).collect();
+    let permanent: Vec<bool> = failures.iter().map(|f| f.permanent).collect();
     sqlx::query_scalar(
         "UPDATE outbox o SET \
              attempts = o.attempts + 1, \
@@ -179,8 +184,8 @@ pub async fn record_failures(
              next_attempt_at = now() + least( \
                  $3 * power(2, o.attempts) * interval '1 second', \
                  $4 * interval '1 second'), \
-             quarantined_at = CASE WHEN o.attempts + 1 >= $5 THEN now() END \
-         FROM unnest($1::bigint[], $2::text[]) AS f(id, error) \
+             quarantined_at = CASE WHEN f.permanent OR o.attempts + 1 >= $5 THEN now() END \
+         FROM unnest($1::bigint[], $2::text[], $6::bool[]) AS f(id, error, permanent) \
          WHERE o.id = f.id AND o.published_at IS NULL \
          RETURNING CASE WHEN o.quarantined_at IS NOT NULL THEN o.id END",
     )
@@ -189,6 +194,7 @@ pub async fn record_failures(
     .bind(backoff.as_secs_f64())
     .bind(max_backoff.as_secs_f64())
     .bind(max_attempts)
+    .bind(&permanent)
     .fetch_all(conn)
     .await
     .map(|rows: Vec<Option<i64>>| rows.into_iter().flatten().collect())
@@ -220,6 +226,9 @@ pub struct Backlog {
     pub oldest_pending_age_seconds: f64,
     /// Rows in quarantine.
     pub quarantined: i64,
+    /// Seconds the longest-waiting row ready to publish (not quarantined,
+    /// not waiting for a retry) has waited, 0 when there is none.
+    pub oldest_ready_wait_seconds: f64,
 }
 
 /// Counts the backlog.
@@ -228,7 +237,11 @@ pub async fn backlog(pool: &PgPool) -> sqlx::Result<Backlog> {
         "SELECT count(*) FILTER (WHERE quarantined_at IS NULL) AS pending, \
                 coalesce(extract(epoch FROM now() - min(occurred_at) \
                     FILTER (WHERE quarantined_at IS NULL))::float8, 0) AS oldest_pending_age_seconds, \
-                count(*) FILTER (WHERE quarantined_at IS NOT NULL) AS quarantined \
+                count(*) FILTER (WHERE quarantined_at IS NOT NULL) AS quarantined, \
+                coalesce(extract(epoch FROM now() - min(coalesce(next_attempt_at, occurred_at)) \
+                    FILTER (WHERE quarantined_at IS NULL \
+                        AND (next_attempt_at IS NULL OR next_attempt_at <= now())))::float8, 0) \
+                    AS oldest_ready_wait_seconds \
          FROM outbox WHERE published_at IS NULL",
     )
     .fetch_one(pool)

@@ -1,43 +1,57 @@
-//! Deletes published rows after the retention period and refreshes the
-//! backlog gauges.
+//! Deletes published rows after the retention period, refreshes the
+//! backlog gauges and tells the health whether the outbox is moving.
 //!
 //! Deletes go in small batches with `SKIP LOCKED`, so the sweeper never holds
 //! long locks and several instances can sweep at once; frequent small deletes
 //! plus the table's aggressive autovacuum settings keep it from bloating.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::RelaySettings;
+use crate::health::{self, Health};
 use crate::store;
 
-/// Sweeps every `interval` until `shutdown`.
+/// Sweeps every `sweep_interval` until `shutdown`; watches the backlog
+/// more often (at least every fifth of the stall timeout).
 pub async fn run(
     pool: PgPool,
-    interval: Duration,
-    retention: Duration,
-    batch: i64,
+    settings: RelaySettings,
+    health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(interval.min(Duration::from_secs(5)));
+    let interval = settings.sweep_interval;
+    let watch = interval
+        .min(Duration::from_secs(5))
+        .min(settings.stall_timeout / 5)
+        .max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval(watch);
     let mut last_sweep = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        refresh_gauges(&pool).await;
+        watch_backlog(&pool, &health, settings.stall_timeout).await;
         if last_sweep.elapsed() >= interval {
             last_sweep = tokio::time::Instant::now();
-            sweep(&pool, retention, batch, &shutdown).await;
+            sweep(&pool, settings.retention, settings.sweep_batch, &shutdown).await;
         }
     }
 }
 
-async fn refresh_gauges(pool: &PgPool) {
+async fn watch_backlog(pool: &PgPool, health: &Health, stall_timeout: Duration) {
     match store::backlog(pool).await {
         Ok(backlog) => {
+            health
+                .observe_backlog(
+                    health::seconds(backlog.oldest_ready_wait_seconds),
+                    stall_timeout,
+                )
+                .await;
             metrics::gauge!(crate::metrics::PENDING_ROWS).set(backlog.pending as f64);
             metrics::gauge!(crate::metrics::OLDEST_PENDING_AGE)
                 .set(backlog.oldest_pending_age_seconds);

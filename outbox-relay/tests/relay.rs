@@ -250,6 +250,83 @@ async fn poison_row_is_quarantined_while_other_aggregates_flow_and_replays_in_or
 }
 
 #[tokio::test]
+async fn a_row_too_long_for_amqp_is_quarantined_at_once_and_the_relay_goes_on() -> Result<()> {
+    let setup = Setup::new().await?;
+    let collector = setup.consume();
+
+    // enqueue refuses such an event and writes nothing...
+    let long_type = format!("shop.events.v1.{}", "X".repeat(300));
+    let mut tx = setup.db.pool.begin().await?;
+    let refused = shop_outbox::enqueue_raw(
+        &mut tx,
+        shop_outbox::Aggregate::new("counter", "agg-0"),
+        &long_type,
+        b"agg-0:1",
+        "text/plain",
+        &shop_outbox::EventContext::default(),
+    )
+    .await;
+    assert!(matches!(
+        refused,
+        Err(shop_outbox::OutboxError::TooLong {
+            field: "event_type",
+            ..
+        })
+    ));
+    tx.rollback().await?;
+    assert_eq!(setup.unpublished().await?, 0);
+
+    // ...but another writer may put one in the table.
+    let mut tx = setup.db.pool.begin().await?;
+    insert_event(&mut tx, "agg-0", 0, Vec::new()).await?;
+    let poison = insert_event(&mut tx, "agg-0", 1, Vec::new()).await?;
+    insert_event(&mut tx, "agg-0", 2, Vec::new()).await?;
+    for n in 0..3 {
+        insert_event(&mut tx, "agg-1", n, Vec::new()).await?;
+    }
+    sqlx::query("UPDATE outbox SET content_type = $2 WHERE message_id = $1")
+        .bind(poison)
+        .bind("text/".to_owned() + &"x".repeat(300))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+
+    let relay = RunningRelay::start(setup.settings()).await?;
+    let rows = shop_tests::eventually(TIMEOUT, "the row's quarantine", || async {
+        let rows = outbox_relay::store::list_quarantined(&setup.db.pool).await?;
+        Ok((rows.len() == 1).then_some(rows))
+    })
+    .await?;
+    assert_eq!(rows[0].message_id, poison);
+    assert_eq!(rows[0].attempts, 1, "quarantined without retrying");
+    assert!(
+        rows[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("content_type is 305 bytes")
+    );
+    collector.wait_for_distinct(4, TIMEOUT).await?;
+    // Still running and serving: a later event goes out too.
+    let mut tx = setup.db.pool.begin().await?;
+    insert_event(&mut tx, "agg-1", 3, Vec::new()).await?;
+    tx.commit().await?;
+    collector.wait_for_distinct(5, TIMEOUT).await?;
+    relay.stop().await?;
+    let payloads: Vec<String> = collector
+        .received()
+        .iter()
+        .map(|m| m.payload.clone())
+        .collect();
+    assert_eq!(
+        payloads,
+        vec!["agg-0:0", "agg-1:0", "agg-1:1", "agg-1:2", "agg-1:3"],
+        "agg-0's later event waits behind the quarantined one"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn database_connections_lost_mid_stream_lose_nothing() -> Result<()> {
     let setup = Setup::new().await?;
     let (aggregates, per_aggregate) = (20, 100);
@@ -452,5 +529,105 @@ async fn writers_do_not_notify_a_relay_that_is_busy_publishing() -> Result<()> {
         .filter(|m| m.aggregate_and_seq().0 != "warm-up")
         .collect();
     assert_complete_and_in_order(&received, writers, per_writer);
+    Ok(())
+}
+
+/// Holders of the relay's partition locks on the test database.
+async fn lease_holders(setup: &Setup) -> Result<Vec<(i32, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT l.pid, count(*) FROM pg_locks l \
+         JOIN pg_database d ON d.oid = l.database \
+         WHERE l.locktype = 'advisory' AND l.classid = x'6f757462'::int::oid \
+           AND d.datname = current_database() \
+         GROUP BY l.pid",
+    )
+    .fetch_all(&setup.db.pool)
+    .await?)
+}
+
+#[tokio::test]
+async fn a_frozen_relay_loses_its_partitions_within_the_lease_timeout_and_nothing_waits_for_it()
+-> Result<()> {
+    let setup = Setup::new().await?;
+    let collector = setup.consume();
+    let mut settings = setup.settings();
+    settings.lease_timeout = Duration::from_secs(2);
+    let partitions: i64 = sqlx::query_scalar("SELECT outbox_partition_count()::bigint")
+        .fetch_one(&setup.db.pool)
+        .await?;
+
+    // The first relay takes every partition, then freezes (as under SIGSTOP
+    // or a paused VM): its sessions stay open, but it says nothing.
+    let mut frozen = setup.spawn_relay_process(&settings);
+    shop_tests::eventually(
+        TIMEOUT,
+        "the first relay to hold every partition",
+        || async {
+            let holders = lease_holders(&setup).await?;
+            Ok((holders.len() == 1 && holders[0].1 == partitions).then_some(()))
+        },
+    )
+    .await?;
+    frozen.signal("STOP")?;
+
+    let relay = RunningRelay::start(settings).await?;
+    setup.insert_events(10, 10, 25).await?;
+    collector.wait_for_distinct(100, TIMEOUT).await?;
+    assert_complete_and_in_order(&collector.received(), 10, 10);
+    let status = shop_tests::eventually(TIMEOUT, "the live relay to serve", || async {
+        let status = relay.health().await?;
+        Ok((status == ServingStatus::Serving).then_some(status))
+    })
+    .await?;
+    assert_eq!(status, ServingStatus::Serving);
+
+    // Woken up, the first relay finds its session gone, reconnects, and
+    // still shuts down cleanly.
+    frozen.signal("CONT")?;
+    let exit = frozen.terminate().await?;
+    assert!(exit.success(), "the thawed relay exited with {exit}");
+    relay.stop().await?;
+    assert_eq!(setup.unpublished().await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_reports_not_serving_while_the_outbox_stalls_and_serving_once_it_moves() -> Result<()>
+{
+    let setup = Setup::new().await?;
+    let collector = setup.consume();
+    // Another session holds every partition, as a relay the server has not
+    // yet given up on would.
+    let mut holder = setup.db.connect().await?;
+    sqlx::query(
+        "SELECT pg_advisory_lock(x'6f757462'::int, p) \
+         FROM generate_series(0, outbox_partition_count() - 1) AS p",
+    )
+    .execute(&mut holder)
+    .await?;
+    let mut tx = setup.db.pool.begin().await?;
+    for n in 0..5 {
+        insert_event(&mut tx, "agg-0", n, Vec::new()).await?;
+    }
+    tx.commit().await?;
+
+    let mut settings = setup.settings();
+    settings.stall_timeout = Duration::from_secs(1);
+    let relay = RunningRelay::start(settings).await?;
+    shop_tests::eventually(TIMEOUT, "health to report the stall", || async {
+        let status = relay.health().await?;
+        Ok((status == ServingStatus::NotServing).then_some(()))
+    })
+    .await?;
+    assert!(collector.received().is_empty());
+
+    drop(holder);
+    collector.wait_for_distinct(5, TIMEOUT).await?;
+    shop_tests::eventually(TIMEOUT, "health to recover", || async {
+        let status = relay.health().await?;
+        Ok((status == ServingStatus::Serving).then_some(()))
+    })
+    .await?;
+    relay.stop().await?;
     Ok(())
 }

@@ -7,13 +7,16 @@
 //! run in parallel, and both are removed when the test ends, pass or fail.
 //!
 //! Tests that stop or restart the broker get a node of their own
-//! ([`PrivateBroker`]).
+//! ([`PrivateBroker`]); tests that put a server out of reach do it with a
+//! [`Proxy`] in front of it.
 //!
 //! Set `TEST_LOG=1` to see the code under test's tracing output.
 
 mod private_broker;
+mod proxy;
 
 pub use private_broker::PrivateBroker;
+pub use proxy::{Proxy, target_of};
 
 use std::sync::Once;
 use std::time::Duration;

@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use anyhow::Result;
+use futures_util::StreamExt;
 use shop_proto::inventory::v1::{CreateProductRequest, GetStockRequest, Stock};
 use shop_proto::notification::v1::ListNotificationsRequest;
 use shop_proto::order::v1::{
@@ -307,6 +308,7 @@ async fn a_customer_cancelling_a_pending_order_gets_the_reservation_released() -
     // Without the payment service the order waits, reserved, for payment.
     let system = System::start_with(Options {
         without_payment: true,
+        ..Options::default()
     })
     .await?;
     let customer = register(&system, "undecided@example.com").await?;
@@ -624,4 +626,177 @@ async fn orders_still_end_right_when_the_payment_service_crashes_twice_mid_strea
     .await?;
     assert_eq!(succeeded, orders as i64, "one PaymentSucceeded per order");
     system.stop().await
+}
+
+#[tokio::test]
+async fn with_two_inventory_replicas_orders_cancelled_while_placed_hold_no_stock() -> Result<()> {
+    // Two inventory services share one queue, so an order's OrderPlaced and
+    // OrderCancelled can reach different replicas at the same moment.
+    let system = System::start_with(Options {
+        without_payment: true,
+        inventory_replicas: 2,
+    })
+    .await?;
+    let customer = register(&system, "hesitant@example.com").await?;
+    let mug = product(&system, "MUG", 800, 1_000).await?;
+    const ORDERS: usize = 200;
+
+    let placed_and_cancelled = futures_util::stream::iter(0..ORDERS)
+        .map(|n| {
+            let request = request(&customer, &[(&mug, 1)], &format!("flip-{n}"));
+            let system = &system;
+            async move {
+                let order = place(system, request).await?;
+                system
+                    .order
+                    .clone()
+                    .cancel_order(CancelOrderRequest {
+                        order_id: order.order_id,
+                    })
+                    .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    for result in placed_and_cancelled {
+        result?;
+    }
+
+    // Every OrderPlaced and OrderCancelled has been applied...
+    eventually(TIMEOUT, "inventory to apply every event", || async {
+        let mut conn = system.inventory_db.connect().await?;
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
+            .fetch_one(&mut conn)
+            .await?;
+        Ok((applied as usize == 2 * ORDERS).then_some(()))
+    })
+    .await?;
+    // ...and nothing stays reserved for an order that was cancelled.
+    let stock = stock(&system, &mug).await?;
+    assert_eq!((stock.on_hand, stock.reserved), (1_000, 0));
+    let mut conn = system.inventory_db.connect().await?;
+    let open: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE status = 'reserved'")
+            .fetch_one(&mut conn)
+            .await?;
+    assert_eq!(open, 0, "reservations of cancelled orders left open");
+    system.stop().await
+}
+
+#[tokio::test]
+async fn a_price_change_that_arrives_late_never_undoes_a_newer_one() -> Result<()> {
+    let system = System::start().await?;
+    let customer = register(&system, "bargain@example.com").await?;
+    let vase = product(&system, "VASE", 1000, 10).await?;
+    // Version 1 is the creation. Versions 3 and then 2 are published, as
+    // when version 2 failed once and came back through a retry queue.
+    let mut tx = system.inventory_db.pool.begin().await?;
+    for (version, amount) in [(3, 3000), (2, 2000)] {
+        let key = vase.clone();
+        shop_outbox::enqueue(
+            &mut tx,
+            shop_outbox::Aggregate::new("product", &key),
+            &shop_proto::events::v1::ProductPriceChanged {
+                product_id: vase.clone(),
+                old_price: eur(1000),
+                new_price: eur(amount),
+                version,
+            },
+            &shop_outbox::EventContext::default(),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    eventually(
+        TIMEOUT,
+        "the order service to apply both changes",
+        || async {
+            let mut conn = system.order_db.connect().await?;
+            let applied: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM inbox WHERE event_type = 'shop.events.v1.ProductPriceChanged'",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+            Ok((applied == 2).then_some(()))
+        },
+    )
+    .await?;
+
+    let order = place(&system, request(&customer, &[(&vase, 2)], "late-price")).await?;
+    assert_eq!(order.total, eur(6000), "priced at version 3");
+    system.stop().await
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_and_a_call_that_never_ends_waits_only_for_the_drain_timeout()
+-> Result<()> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let system = System::start_with(Options {
+        without_payment: true,
+        ..Options::default()
+    })
+    .await?;
+    let customer = register(&system, "watcher@example.com").await?;
+    let lamp = product(&system, "LAMP", 3000, 5).await?;
+    let order = place(&system, request(&customer, &[(&lamp, 1)], "watch-1")).await?;
+
+    // A client watching the order, one watching health, and one holding a
+    // reflection stream open without ever finishing its requests.
+    let mut watch = system
+        .order
+        .clone()
+        .watch_order(WatchOrderRequest {
+            order_id: order.order_id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        watch.message().await?.unwrap().order.unwrap().status(),
+        OrderStatus::Pending
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", system.order_addr))?
+        .connect()
+        .await?;
+    let mut health = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest::default())
+        .await?
+        .into_inner();
+    // SERVING once the subscribers consume (perhaps after NOT_SERVING).
+    while health.message().await?.unwrap().status() != ServingStatus::Serving {}
+    let (requests, outbound) = tokio::sync::mpsc::channel(1);
+    requests
+        .send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+        .await?;
+    let mut reflection = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await?
+        .into_inner();
+    reflection.message().await?.expect("a reflection answer");
+
+    // Every service stops, the order service included, within its drain
+    // timeout (2 s here) of the request to stop.
+    tokio::time::timeout(Duration::from_secs(30), system.stop())
+        .await
+        .expect("shutdown never completed")?;
+
+    let ended = watch.message().await.unwrap_err();
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    let mut last = None;
+    while let Ok(Some(message)) = health.message().await {
+        last = Some(message.status());
+    }
+    assert_eq!(last, Some(ServingStatus::NotServing));
+    drop(requests);
+    Ok(())
 }

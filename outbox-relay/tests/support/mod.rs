@@ -149,6 +149,10 @@ impl Setup {
             .env("OUTBOX_RELAY_SOURCE", &settings.source)
             .env("OUTBOX_RELAY_BATCH_SIZE", settings.batch_size.to_string())
             .env("OUTBOX_RELAY_REBALANCE_INTERVAL", "300ms")
+            .env(
+                "OUTBOX_RELAY_LEASE_TIMEOUT",
+                humantime::format_duration(settings.lease_timeout).to_string(),
+            )
             .env("OUTBOX_RELAY_HEALTH_ADDR", "127.0.0.1:0")
             .env(
                 "OUTBOX_RELAY_METRICS_ADDR",
@@ -178,6 +182,16 @@ impl RelayProcess {
             child.kill()?;
             child.wait()?;
         }
+        Ok(())
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.0.as_ref().expect("relay process already stopped").id();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed");
         Ok(())
     }
 
@@ -238,6 +252,22 @@ impl RunningRelay {
             handle,
             health_addr,
         })
+    }
+
+    /// What the relay's health service answers for the whole server.
+    pub async fn health(&self) -> Result<tonic_health::pb::health_check_response::ServingStatus> {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.health_addr))?
+                .connect()
+                .await?;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        Ok(client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner()
+            .status())
     }
 
     /// Graceful stop.

@@ -14,9 +14,11 @@ pub struct ProductRow {
     pub currency: String,
     pub on_hand: i32,
     pub reserved: i32,
+    /// Catalog version: 1 at creation, one more with every price change.
+    pub version: i64,
 }
 
-const PRODUCT_COLUMNS: &str = "id, sku, name, price_minor, currency, on_hand, reserved";
+const PRODUCT_COLUMNS: &str = "id, sku, name, price_minor, currency, on_hand, reserved, version";
 
 pub async fn insert_product(
     tx: &mut Transaction<'_, Postgres>,
@@ -71,17 +73,19 @@ pub async fn list_products(
     .await
 }
 
+/// Sets a product's price and returns its new catalog version.
 pub async fn set_price(
     tx: &mut Transaction<'_, Postgres>,
     id: Uuid,
     price_minor: i64,
-) -> sqlx::Result<()> {
-    sqlx::query("UPDATE products SET price_minor = $2 WHERE id = $1")
-        .bind(id)
-        .bind(price_minor)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "UPDATE products SET price_minor = $2, version = version + 1 WHERE id = $1 RETURNING version",
+    )
+    .bind(id)
+    .bind(price_minor)
+    .fetch_one(&mut **tx)
+    .await
 }
 
 pub async fn restock(

@@ -78,6 +78,7 @@ impl InventoryService for Inventory {
             currency,
             on_hand: request.initial_stock,
             reserved: 0,
+            version: 1,
         };
         let mut tx = self.pool.begin().await.map_err(ServiceError::from)?;
         if let Err(error) = db::insert_product(&mut tx, &row).await {
@@ -95,6 +96,7 @@ impl InventoryService for Inventory {
             sku: product.sku.clone(),
             name: product.name.clone(),
             unit_price: product.unit_price.clone(),
+            version: row.version,
         };
         let id = row.id.to_string();
         shop_outbox::enqueue(
@@ -136,7 +138,7 @@ impl InventoryService for Inventory {
             amount_minor: row.price_minor,
             currency: row.currency.clone(),
         };
-        db::set_price(&mut tx, id, price_minor)
+        row.version = db::set_price(&mut tx, id, price_minor)
             .await
             .map_err(ServiceError::from)?;
         row.price_minor = price_minor;
@@ -147,6 +149,7 @@ impl InventoryService for Inventory {
                 amount_minor: price_minor,
                 currency,
             }),
+            version: row.version,
         };
         let key = id.to_string();
         shop_outbox::enqueue(

@@ -60,6 +60,8 @@ pub struct Settings {
     #[command(flatten)]
     pub tls: shop_server::grpc::TlsSettings,
     #[command(flatten)]
+    pub drain: shop_server::grpc::DrainSettings,
+    #[command(flatten)]
     pub subscriber: SubscriberSettings,
 }
 
@@ -74,13 +76,15 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     )
     .await?;
     let subscriber = events::subscriber(settings.subscriber, foundation.pool.clone());
-    let api = InventoryServiceServer::new(grpc::Inventory::new(foundation.pool));
-    shop_server::Service::new(
+    let api = InventoryServiceServer::new(grpc::Inventory::new(foundation.pool.clone()));
+    Ok(shop_server::Service::new(
         foundation.listener,
+        &foundation.pool,
         tonic::service::Routes::new(api),
         SERVICE_NAME,
         [subscriber],
     )
     .await?
-    .with_tls(&settings.tls)
+    .with_tls(&settings.tls)?
+    .with_drain(&settings.drain, Default::default()))
 }

@@ -33,36 +33,78 @@ pub struct FullOrder {
 const ORDER_COLUMNS: &str = "id, customer_id, status, cancel_reason, total_minor, currency, \
      request_fingerprint, placed_at, updated_at";
 
+/// The condition under which a catalog change at version `param` replaces
+/// what the copy holds at `catalog.version`: only a newer version does.
+/// Version 0 (events from producers without versions) replaces only
+/// unversioned entries.
+fn newer(param: &str) -> String {
+    format!("(catalog.version < {param} OR ({param} = 0 AND catalog.version = 0))")
+}
+
+/// Adds a product to the catalog copy, or updates it if `version` is newer
+/// than the copy's.
 pub async fn upsert_product(
     conn: &mut PgConnection,
     id: Uuid,
     sku: &str,
     name: &str,
     price: &Price,
+    version: i64,
 ) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO catalog (product_id, sku, name, price_minor, currency) VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (product_id) DO UPDATE SET sku = $2, name = $3, price_minor = $4, currency = $5, updated_at = now()",
-    )
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO catalog (product_id, sku, name, price_minor, currency, version) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (product_id) DO UPDATE \
+         SET sku = $2, name = $3, price_minor = $4, currency = $5, version = $6, updated_at = now() \
+         WHERE {}",
+        newer("$6")
+    )))
     .bind(id)
     .bind(sku)
     .bind(name)
     .bind(price.price_minor)
     .bind(&price.currency)
+    .bind(version)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Sets a known product's price; returns false if the product is unknown.
-pub async fn set_price(conn: &mut PgConnection, id: Uuid, price: &Price) -> sqlx::Result<bool> {
-    let result = sqlx::query("UPDATE catalog SET price_minor = $2, currency = $3, updated_at = now() WHERE product_id = $1")
-        .bind(id)
-        .bind(price.price_minor)
-        .bind(&price.currency)
-        .execute(conn)
-        .await?;
-    Ok(result.rows_affected() == 1)
+/// What became of a price change applied to the catalog copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PriceUpdate {
+    Applied,
+    /// The copy already holds this version or a newer one.
+    Stale,
+    /// The product is not in the copy yet.
+    Unknown,
+}
+
+/// Sets a known product's price if `version` is newer than the copy's.
+pub async fn set_price(
+    conn: &mut PgConnection,
+    id: Uuid,
+    price: &Price,
+    version: i64,
+) -> sqlx::Result<PriceUpdate> {
+    let (known, applied): (bool, bool) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH updated AS ( \
+             UPDATE catalog SET price_minor = $2, currency = $3, version = $4, updated_at = now() \
+             WHERE product_id = $1 AND {} RETURNING 1) \
+         SELECT EXISTS (SELECT 1 FROM catalog WHERE product_id = $1), EXISTS (SELECT 1 FROM updated)",
+        newer("$4")
+    )))
+    .bind(id)
+    .bind(price.price_minor)
+    .bind(&price.currency)
+    .bind(version)
+    .fetch_one(conn)
+    .await?;
+    Ok(match (known, applied) {
+        (_, true) => PriceUpdate::Applied,
+        (true, false) => PriceUpdate::Stale,
+        (false, false) => PriceUpdate::Unknown,
+    })
 }
 
 pub async fn add_customer(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {

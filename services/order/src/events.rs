@@ -15,7 +15,7 @@ use shop_subscriber::{
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::db;
+use crate::db::{self, PriceUpdate};
 use crate::domain::{CANCELLED, CONFIRMED, PENDING, Price};
 
 /// The order service's subscribers, each on its own queue, so the saga's
@@ -74,7 +74,15 @@ impl EventHandler<ProductCreated> for Catalog {
         _: &Metadata,
     ) -> Result<(), HandlerError> {
         let id = uuid("product_id", &event.product_id)?;
-        db::upsert_product(tx, id, &event.sku, &event.name, &price(event.unit_price)?).await?;
+        db::upsert_product(
+            tx,
+            id,
+            &event.sku,
+            &event.name,
+            &price(event.unit_price)?,
+            event.version,
+        )
+        .await?;
         Ok(())
     }
 }
@@ -87,13 +95,17 @@ impl EventHandler<ProductPriceChanged> for Catalog {
         _: &Metadata,
     ) -> Result<(), HandlerError> {
         let id = uuid("product_id", &event.product_id)?;
-        if !db::set_price(tx, id, &price(event.new_price)?).await? {
+        match db::set_price(tx, id, &price(event.new_price)?, event.version).await? {
+            PriceUpdate::Applied => Ok(()),
+            PriceUpdate::Stale => {
+                tracing::info!(product_id = %id, version = event.version, "price change older than the catalog copy; ignored");
+                Ok(())
+            }
             // The product's creation has not arrived yet; try again later.
-            return Err(HandlerError::transient(format!(
+            PriceUpdate::Unknown => Err(HandlerError::transient(format!(
                 "product {id} is not in the catalog yet"
-            )));
+            ))),
         }
-        Ok(())
     }
 }
 

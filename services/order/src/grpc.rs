@@ -17,6 +17,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::db::{self, FullOrder, OrderRow};
 use crate::domain::{self, CANCELLED, CONFIRMED, NewOrder, PENDING};
 use crate::watch::StatusChanges;
@@ -26,12 +28,19 @@ use crate::watch::StatusChanges;
 pub struct Orders {
     pool: PgPool,
     changes: StatusChanges,
+    stopping: CancellationToken,
 }
 
 impl Orders {
     /// An API over `pool`, streaming status changes from `changes`.
-    pub fn new(pool: PgPool, changes: StatusChanges) -> Self {
-        Self { pool, changes }
+    /// `WatchOrder` streams end with UNAVAILABLE when `stopping` is
+    /// cancelled, so their clients watch again on another replica.
+    pub fn new(pool: PgPool, changes: StatusChanges, stopping: CancellationToken) -> Self {
+        Self {
+            pool,
+            changes,
+            stopping,
+        }
     }
 
     async fn get(&self, id: Uuid) -> Result<FullOrder, ServiceError> {
@@ -96,9 +105,17 @@ pub fn order_message(full: &FullOrder) -> Order {
 }
 
 fn handler_error(error: HandlerError) -> ServiceError {
-    ServiceError::Internal(match error {
-        HandlerError::Transient(error) | HandlerError::Permanent(error) => error,
-    })
+    let (HandlerError::Transient(error) | HandlerError::Permanent(error)) = error;
+    let unreachable = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(shop_server::error::is_unavailable)
+    });
+    if unreachable {
+        ServiceError::Unavailable(error)
+    } else {
+        ServiceError::Internal(error)
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchOrderResponse, Status>> + Send>>;
@@ -297,6 +314,7 @@ impl OrderService for Orders {
         let first = self.get(id).await?;
         let (sender, receiver) = tokio::sync::mpsc::channel(8);
         let pool = self.pool.clone();
+        let stopping = self.stopping.clone();
         tokio::spawn(async move {
             let mut last = first.order.status.clone();
             let mut current = first;
@@ -317,6 +335,14 @@ impl OrderService for Orders {
                         },
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = sender.closed() => return,
+                        _ = stopping.cancelled() => {
+                            let _ = sender
+                                .send(Err(Status::unavailable(
+                                    "the server is shutting down; watch the order again",
+                                )))
+                                .await;
+                            return;
+                        }
                     }
                     match db::load(&pool, id).await {
                         Ok(Some(full)) if full.order.status != last => {

@@ -62,6 +62,8 @@ pub struct Settings {
     #[command(flatten)]
     pub tls: shop_server::grpc::TlsSettings,
     #[command(flatten)]
+    pub drain: shop_server::grpc::DrainSettings,
+    #[command(flatten)]
     pub subscriber: SubscriberSettings,
 }
 
@@ -76,16 +78,21 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     )
     .await?;
     let subscribers = events::subscribers(settings.subscriber, foundation.pool.clone());
+    // Open WatchOrder streams end when shutdown begins.
+    let streams = tokio_util::sync::CancellationToken::new();
     let api = OrderServiceServer::new(grpc::Orders::new(
         foundation.pool.clone(),
-        watch::StatusChanges::start(foundation.pool),
+        watch::StatusChanges::start(foundation.pool.clone()),
+        streams.clone(),
     ));
-    shop_server::Service::new(
+    Ok(shop_server::Service::new(
         foundation.listener,
+        &foundation.pool,
         tonic::service::Routes::new(api),
         SERVICE_NAME,
         subscribers,
     )
     .await?
-    .with_tls(&settings.tls)
+    .with_tls(&settings.tls)?
+    .with_drain(&settings.drain, streams))
 }

@@ -38,7 +38,18 @@ pub enum OutboxError {
     /// The insert failed; the caller's transaction should be rolled back.
     #[error("failed to write the event to the outbox")]
     Database(#[from] sqlx::Error),
+    /// The event could not be published as given; nothing was written.
+    #[error("{field} is {len} bytes; AMQP allows at most {MAX_SHORT_STRING} bytes")]
+    TooLong {
+        /// Which value: `event_type` or `content_type`.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
 }
+
+/// Longest AMQP short string (routing key, `type`, `content-type`), in bytes.
+pub const MAX_SHORT_STRING: usize = 255;
 
 /// Where an event came from: the ids that tie it to the request or message
 /// that caused it, and the trace it belongs to.
@@ -175,6 +186,16 @@ async fn insert(
     content_type: &str,
     context: &EventContext,
 ) -> Result<OutboxRecord, OutboxError> {
+    // The relay sends event_type as the routing key and `type` property and
+    // content_type as `content-type`: AMQP short strings.
+    for (field, value) in [("event_type", event_type), ("content_type", content_type)] {
+        if value.len() > MAX_SHORT_STRING {
+            return Err(OutboxError::TooLong {
+                field,
+                len: value.len(),
+            });
+        }
+    }
     let now = Utc::now();
     let record = OutboxRecord {
         message_id: Uuid::now_v7(),

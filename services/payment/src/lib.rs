@@ -63,6 +63,8 @@ pub struct Settings {
     #[command(flatten)]
     pub tls: shop_server::grpc::TlsSettings,
     #[command(flatten)]
+    pub drain: shop_server::grpc::DrainSettings,
+    #[command(flatten)]
     pub subscriber: SubscriberSettings,
 }
 
@@ -83,13 +85,15 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
             settings.decline_above_minor,
         )),
     );
-    let api = PaymentServiceServer::new(grpc::Payments::new(foundation.pool));
-    shop_server::Service::new(
+    let api = PaymentServiceServer::new(grpc::Payments::new(foundation.pool.clone()));
+    Ok(shop_server::Service::new(
         foundation.listener,
+        &foundation.pool,
         tonic::service::Routes::new(api),
         SERVICE_NAME,
         [subscriber],
     )
     .await?
-    .with_tls(&settings.tls)
+    .with_tls(&settings.tls)?
+    .with_drain(&settings.drain, Default::default()))
 }

@@ -82,10 +82,46 @@ pub const EVENT_TYPES: &[&str] = &[
     "shop.events.v1.NotificationSent",
 ];
 
+/// The request paths (`/package.Service/Method`) of every method of the
+/// named services, as described by `descriptor_set` (an encoded
+/// `FileDescriptorSet`). Names not in the set contribute nothing.
+pub fn method_paths(descriptor_set: &[u8], services: &[&str]) -> Vec<String> {
+    use prost::Message;
+    let Ok(set) = prost_types::FileDescriptorSet::decode(descriptor_set) else {
+        return Vec::new();
+    };
+    let mut paths = Vec::new();
+    for file in &set.file {
+        for service in &file.service {
+            let full = format!("{}.{}", file.package(), service.name());
+            if !services.contains(&full.as_str()) {
+                continue;
+            }
+            for method in &service.method {
+                paths.push(format!("/{full}/{}", method.name()));
+            }
+        }
+    }
+    paths
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn method_paths_list_the_named_services_methods_only() {
+        let paths = method_paths(FILE_DESCRIPTOR_SET, &["shop.order.v1.OrderService"]);
+        assert!(paths.contains(&"/shop.order.v1.OrderService/PlaceOrder".to_owned()));
+        assert!(paths.contains(&"/shop.order.v1.OrderService/WatchOrder".to_owned()));
+        assert!(
+            paths
+                .iter()
+                .all(|p| p.starts_with("/shop.order.v1.OrderService/"))
+        );
+        assert!(method_paths(FILE_DESCRIPTOR_SET, &["no.Such"]).is_empty());
+    }
 
     #[test]
     fn every_event_type_names_a_message_in_the_descriptor_set() {

@@ -3,7 +3,9 @@
 //! Invalid input becomes `INVALID_ARGUMENT` with a `google.rpc.BadRequest`
 //! naming the field. Database and other internal errors are logged in full
 //! and reach the client only as "internal error"; unique and foreign-key
-//! violations become `ALREADY_EXISTS` and `NOT_FOUND`.
+//! violations become `ALREADY_EXISTS` and `NOT_FOUND`. A database that
+//! cannot be reached (pool timeout, lost connection, server shutting down
+//! or full) is `UNAVAILABLE`, which standard client retry policies retry.
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -33,9 +35,32 @@ pub enum ServiceError {
     /// The request is valid but not in the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A dependency (the database) cannot be reached now; trying again
+    /// later may work. Logged in full, shown to clients generically.
+    #[error("unavailable: {0:#}")]
+    Unavailable(anyhow::Error),
     /// Anything else; never shown to clients.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+/// Whether a database error means the database cannot be reached now, as
+/// opposed to a fault in the request or the code: no connection from the
+/// pool in time, a broken connection, or the server refusing connections
+/// (SQLSTATE class 08, 53300 too many connections, 57P01–57P03 shutting
+/// down or starting up).
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code == "53300" || code.starts_with("57P0")
+        }),
+        _ => false,
+    }
 }
 
 impl ServiceError {
@@ -61,13 +86,19 @@ impl From<sqlx::Error> for ServiceError {
                 _ => {}
             }
         }
+        if is_unavailable(&error) {
+            return Self::Unavailable(error.into());
+        }
         Self::Internal(error.into())
     }
 }
 
 impl From<shop_outbox::OutboxError> for ServiceError {
     fn from(error: shop_outbox::OutboxError) -> Self {
-        Self::Internal(error.into())
+        match error {
+            shop_outbox::OutboxError::Database(error) => error.into(),
+            other => Self::Internal(other.into()),
+        }
     }
 }
 
@@ -82,6 +113,10 @@ impl From<ServiceError> for Status {
             ServiceError::NotFound(message) => Status::not_found(message),
             ServiceError::AlreadyExists(message) => Status::already_exists(message),
             ServiceError::FailedPrecondition(message) => Status::failed_precondition(message),
+            ServiceError::Unavailable(error) => {
+                tracing::warn!(error = format!("{error:#}"), "dependency unavailable");
+                Status::unavailable("the service cannot reach its database; try again")
+            }
             ServiceError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "internal error");
                 Status::internal("internal error")
@@ -105,6 +140,20 @@ mod tests {
         let violation = &details.bad_request().unwrap().field_violations[0];
         assert_eq!(violation.field, "lines[0].quantity");
         assert_eq!(violation.description, "must be at least 1");
+    }
+
+    #[test]
+    fn a_database_out_of_reach_is_unavailable_without_details() {
+        for error in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        ] {
+            let status = Status::from(ServiceError::from(error));
+            assert_eq!(status.code(), Code::Unavailable);
+            assert!(!status.message().contains("pool"), "{status:?}");
+        }
+        let status = Status::from(ServiceError::from(sqlx::Error::RowNotFound));
+        assert_eq!(status.code(), Code::Internal);
     }
 
     #[test]

@@ -45,6 +45,169 @@ impl TlsSettings {
     }
 }
 
+/// How a server ends: the settings every service shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrainSettings {
+    /// After SIGTERM, how long calls in flight may take to finish; then
+    /// the remaining connections are closed and the process exits anyway.
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Default for DrainSettings {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a server ends its calls on shutdown.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    /// Longest wait for calls in flight once shutdown begins.
+    pub timeout: Duration,
+    /// Cancelled when shutdown begins: long-lived streams (such as
+    /// `WatchOrder`) end on it, telling their clients to reconnect.
+    pub streams: CancellationToken,
+}
+
+impl Drain {
+    /// A drain of `timeout`, with a fresh token for the streams.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            streams: CancellationToken::new(),
+        }
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new(DrainSettings::default().drain_timeout)
+    }
+}
+
+/// What a service depends on, for its health.
+#[derive(Debug, Clone, Default)]
+pub struct Dependencies {
+    /// The service's database; checked on a connection of its own, so a
+    /// busy pool does not read as an outage.
+    pub database: Option<sqlx::postgres::PgConnectOptions>,
+    /// Whether each of the service's subscribers is consuming.
+    pub subscribers: Vec<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// How often dependencies are checked, and how long a check may take.
+const DEPENDENCY_CHECK: Duration = Duration::from_secs(1);
+const DEPENDENCY_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Dependencies {
+    /// Checks the database; `conn` is kept between checks.
+    async fn database_reachable(&self, conn: &mut Option<sqlx::PgConnection>) -> bool {
+        use sqlx::Connection;
+        let Some(options) = &self.database else {
+            return true;
+        };
+        let check = async {
+            if conn.is_none() {
+                *conn = Some(sqlx::PgConnection::connect_with(options).await?);
+            }
+            let connection = conn.as_mut().expect("connected above");
+            connection.ping().await
+        };
+        match tokio::time::timeout(DEPENDENCY_TIMEOUT, check).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "database check failed");
+                *conn = None;
+                false
+            }
+            Err(_) => {
+                *conn = None;
+                false
+            }
+        }
+    }
+
+    fn subscribers_consuming(&self) -> bool {
+        self.subscribers.iter().all(|consuming| *consuming.borrow())
+    }
+}
+
+/// How a server runs: TLS, how it ends, what its health follows.
+#[derive(Debug, Clone, Default)]
+pub struct Serving {
+    /// Serve over TLS with this configuration; plaintext when `None`.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// How calls end on shutdown.
+    pub drain: Drain,
+    /// What health follows.
+    pub dependencies: Dependencies,
+}
+
+/// Keeps health in step with the dependencies until dropped: each API
+/// service is SERVING while the database answers; the whole server ("")
+/// while the database answers and every subscriber is consuming. So a
+/// readiness probe on the API's name keeps a replica in rotation through a
+/// broker outage (its writes only need the database; events wait in the
+/// outbox), while "" tells operators the process is not fully working.
+async fn follow_dependencies(
+    mut dependencies: Dependencies,
+    reporter: tonic_health::server::HealthReporter,
+    service_names: Vec<String>,
+) {
+    let mut conn = None;
+    let mut last = None;
+    loop {
+        let database = dependencies.database_reachable(&mut conn).await;
+        let everything = database && dependencies.subscribers_consuming();
+        if last != Some((database, everything)) {
+            if last.is_some() || !everything {
+                tracing::info!(
+                    database,
+                    subscribers = dependencies.subscribers_consuming(),
+                    "dependency health changed"
+                );
+            }
+            last = Some((database, everything));
+            let status = |up: bool| {
+                if up {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                }
+            };
+            for name in &service_names {
+                reporter
+                    .set_service_status(name.as_str(), status(database))
+                    .await;
+            }
+            reporter.set_service_status("", status(everything)).await;
+        }
+        // Next check after the interval, or at once when a subscriber
+        // starts or stops consuming.
+        let changed = async {
+            if dependencies.subscribers.is_empty() {
+                return std::future::pending().await;
+            }
+            let changes = dependencies
+                .subscribers
+                .iter_mut()
+                .map(|consuming| Box::pin(consuming.changed()));
+            let (changed, _, _) = futures_util::future::select_all(changes).await;
+            if changed.is_err() {
+                // A subscriber is gone for good: nothing more to wait for.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(DEPENDENCY_CHECK) => {}
+            () = changed => {}
+        }
+    }
+}
+
 /// Makes aws-lc-rs the process's TLS provider, so TLS works however the
 /// workspace's crates configure rustls. Safe to call more than once.
 pub fn install_crypto_provider() {
@@ -73,26 +236,42 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `routes` plus health and reflection on `listener` until
-/// `shutdown`. Health reports SERVING for `service_names` (and the whole
-/// server, named "") until shutdown begins, then NOT_SERVING while
-/// in-flight calls finish.
+/// `shutdown`. Health reports on `service_names` and the whole server
+/// (named "") as their dependencies allow (see [`Dependencies`]) until
+/// shutdown begins.
+///
+/// Shutdown: new connections are refused, health turns NOT_SERVING (and
+/// Health/Watch streams end after saying so), `drain.streams` is cancelled
+/// so the service's own long-lived streams end, and calls in flight get up
+/// to `drain.timeout` to finish; connections still open then are closed.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     service_names: &[&str],
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    serving: Serving,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Serving {
+        tls,
+        drain,
+        dependencies,
+    } = serving;
     let (reporter, health) = tonic_health::server::health_reporter();
     let names: Vec<String> = service_names
         .iter()
         .map(|name| (*name).to_owned())
         .chain([String::new()])
         .collect();
+    // The database answered moments ago (it was migrated); the subscribers,
+    // if any, have yet to start consuming.
     for name in &names {
-        reporter
-            .set_service_status(name.as_str(), ServingStatus::Serving)
-            .await;
+        let waiting = name.is_empty() && !dependencies.subscribers.is_empty();
+        let status = if waiting {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        reporter.set_service_status(name.as_str(), status).await;
     }
     // Reflection lists exactly the services this server serves.
     let reflection_builder = || {
@@ -115,13 +294,27 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha);
 
+    let began = shutdown.clone();
+    let streams = drain.streams.clone();
+    let api_names: Vec<String> = service_names
+        .iter()
+        .map(|name| (*name).to_owned())
+        .collect();
     let stopping = async move {
-        shutdown.cancelled().await;
+        tokio::select! {
+            () = began.cancelled() => {}
+            () = follow_dependencies(dependencies, reporter.clone(), api_names) => {}
+        }
+        let mut reporter = reporter;
         for name in &names {
             reporter
                 .set_service_status(name.as_str(), ServingStatus::NotServing)
                 .await;
+            // Dropping a status ends its Watch streams once they have sent
+            // NOT_SERVING; later Checks answer NOT_FOUND.
+            reporter.clear_service_status(name).await;
         }
+        streams.cancel();
     };
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -129,13 +322,42 @@ pub async fn serve(
             .tls_config(tls)
             .context("the TLS certificate or key is not valid")?;
     }
-    server
+    let served = server
         .trace_fn(request_span)
-        .layer(crate::metrics::GrpcMetricsLayer)
+        .layer(crate::metrics::GrpcMetricsLayer::new(known_methods(
+            service_names,
+        )))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(listener), stopping)
-        .await
-        .context("gRPC server failed")
+        .serve_with_incoming_shutdown(incoming(listener), stopping);
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(drain.timeout).await;
+    };
+    tokio::select! {
+        served = served => served.context("gRPC server failed"),
+        () = deadline => {
+            tracing::warn!(timeout = ?drain.timeout, "calls still open at the drain deadline; closing their connections");
+            Ok(())
+        }
+    }
+}
+
+/// Request paths of every method a server with `service_names` serves:
+/// theirs, health's and reflection's.
+fn known_methods(service_names: &[&str]) -> Vec<String> {
+    let mut methods = shop_proto::method_paths(shop_proto::FILE_DESCRIPTOR_SET, service_names);
+    methods.extend(shop_proto::method_paths(
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        &["grpc.health.v1.Health"],
+    ));
+    methods.extend(
+        [
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .map(str::to_owned),
+    );
+    methods
 }
 
 /// The span of one gRPC call, continuing the caller's trace when the call
@@ -158,14 +380,18 @@ pub async fn run_service(
     routes: Routes,
     service_names: &[&str],
     subscribers: Vec<shop_subscriber::Subscriber>,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    mut serving: Serving,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serving
+        .dependencies
+        .subscribers
+        .extend(subscribers.iter().map(|subscriber| subscriber.consuming()));
     // Both run inside this future (no detached tasks), so dropping it, as
     // a crash or an abort does, stops both.
     let stop_all = shutdown.child_token();
     let serving = async {
-        let served = serve(listener, routes, service_names, tls, stop_all.clone()).await;
+        let served = serve(listener, routes, service_names, serving, stop_all.clone()).await;
         stop_all.cancel();
         served
     };

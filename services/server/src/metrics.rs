@@ -1,9 +1,11 @@
 //! Prometheus metrics of a service: its gRPC calls, plus whatever its
 //! libraries record (the subscriber's handler outcomes and latencies).
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -39,15 +41,45 @@ pub fn install_exporter(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A tower layer that counts and times every gRPC call.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcMetricsLayer;
+/// The `method` label of calls to paths the server does not serve. Paths
+/// come from clients, so labelling them as sent would let any client
+/// create series (and memory) without bound.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
+/// A tower layer that counts and times every gRPC call, labelled with the
+/// method's path when it is one of the server's methods and
+/// [`UNKNOWN_METHOD`] otherwise.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcMetricsLayer {
+    known: Arc<HashSet<String>>,
+}
+
+impl GrpcMetricsLayer {
+    /// Labels calls to `methods` (request paths) by path.
+    pub fn new(methods: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            known: Arc::new(methods.into_iter().collect()),
+        }
+    }
+
+    /// The label of a call to `path`.
+    pub fn label(&self, path: &str) -> String {
+        if self.known.contains(path) {
+            path.to_owned()
+        } else {
+            UNKNOWN_METHOD.to_owned()
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner }
+        GrpcMetrics {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 
@@ -55,6 +87,7 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
 #[derive(Debug, Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
+    layer: GrpcMetricsLayer,
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetrics<S>
@@ -71,7 +104,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = request.uri().path().to_owned();
+        let method = self.layer.label(request.uri().path());
         let started = Instant::now();
         let response = self.inner.call(request);
         Box::pin(async move {

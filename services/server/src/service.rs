@@ -41,7 +41,7 @@ pub struct Service {
     routes: Routes,
     name: &'static str,
     subscribers: Vec<Subscriber>,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    serving: crate::grpc::Serving,
 }
 
 impl Service {
@@ -49,8 +49,10 @@ impl Service {
     /// and consuming with `subscribers` (each on its own queue), whose
     /// queues are declared now so that events published before the first
     /// run are kept.
+    /// Its health follows `pool`'s database and the subscribers.
     pub async fn new(
         listener: TcpListener,
+        pool: &PgPool,
         routes: Routes,
         name: &'static str,
         subscribers: impl IntoIterator<Item = Subscriber>,
@@ -66,14 +68,34 @@ impl Service {
             routes,
             name,
             subscribers,
-            tls: None,
+            serving: crate::grpc::Serving {
+                dependencies: crate::grpc::Dependencies {
+                    database: Some((*pool.connect_options()).clone()),
+                    subscribers: Vec::new(),
+                },
+                ..Default::default()
+            },
         })
     }
 
     /// Serves over TLS when `tls` names a certificate and key; reads them now.
     pub fn with_tls(mut self, tls: &crate::grpc::TlsSettings) -> anyhow::Result<Self> {
-        self.tls = tls.load()?;
+        self.serving.tls = tls.load()?;
         Ok(self)
+    }
+
+    /// Ends calls on shutdown as `settings` say, and cancels `streams` when
+    /// shutdown begins (the service's long-lived streams end on it).
+    pub fn with_drain(
+        mut self,
+        settings: &crate::grpc::DrainSettings,
+        streams: CancellationToken,
+    ) -> Self {
+        self.serving.drain = crate::grpc::Drain {
+            timeout: settings.drain_timeout,
+            streams,
+        };
+        self
     }
 
     /// The bound gRPC address.
@@ -88,7 +110,7 @@ impl Service {
             self.routes,
             &[self.name],
             self.subscribers,
-            self.tls,
+            self.serving,
             shutdown,
         )
         .await

@@ -30,7 +30,7 @@ async fn reflection_lists_and_describes_the_served_service() -> anyhow::Result<(
         listener,
         tonic::service::Routes::default(),
         &["shop.order.v1.OrderService"],
-        None,
+        Default::default(),
         shutdown.clone(),
     ));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?

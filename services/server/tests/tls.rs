@@ -37,7 +37,10 @@ async fn a_server_with_a_certificate_serves_tls_to_clients_that_trust_it() -> an
         listener,
         tonic::service::Routes::default(),
         &[],
-        tls,
+        shop_server::grpc::Serving {
+            tls,
+            ..Default::default()
+        },
         shutdown.clone(),
     ));
 

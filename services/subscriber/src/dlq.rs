@@ -2,9 +2,11 @@
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Confirmation, Connection};
+use lapin::{Channel, Confirmation, Connection};
+use std::collections::HashSet;
 
 use crate::subscriber::{ATTEMPT_HEADER, ATTEMPTS_HEADER, REASON_HEADER, header_str};
 use crate::topology::dead_letter_queue;
@@ -24,12 +26,29 @@ pub struct DeadLetter {
     pub payload_bytes: usize,
 }
 
+/// How many messages a queue holds now (ready, not being delivered).
+async fn depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.message_count())
+}
+
 /// Lists the dead letters of work queue `queue`, leaving them in place.
 pub async fn list(conn: &Connection, queue: &str) -> anyhow::Result<Vec<DeadLetter>> {
     let channel = conn.create_channel().await?;
     let dlq = dead_letter_queue(queue);
     let mut letters = Vec::new();
     let mut last_tag = None;
+    // Every message taken stays unacknowledged until the end, so none
+    // comes round twice.
     while let Some(message) = channel
         .basic_get(dlq.as_str().into(), BasicGetOptions::default())
         .await?
@@ -70,6 +89,14 @@ pub async fn list(conn: &Connection, queue: &str) -> anyhow::Result<Vec<DeadLett
 /// Moves dead letters of work queue `queue` back to it with a fresh attempt
 /// count: those with the given message ids, or all when `message_ids` is
 /// empty. Returns how many were moved.
+///
+/// A replay always ends, even while the consumer fails every replayed
+/// message again: a replayed message comes back to the tail of the
+/// dead-letter queue, behind every message that was there when the replay
+/// started, so the replay stops at the first message it has already
+/// replayed (recognised by its message id) and leaves it for the next
+/// replay. Messages without an id cannot be recognised; at most as many of
+/// them as the queue held at the start are replayed.
 pub async fn replay(
     conn: &Connection,
     queue: &str,
@@ -80,6 +107,9 @@ pub async fn replay(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let dlq = dead_letter_queue(queue);
+    let present = depth(&channel, &dlq).await?;
+    let mut seen = HashSet::new();
+    let mut anonymous = 0;
     let mut replayed = 0;
     let mut kept = Vec::new();
     while let Some(message) = channel
@@ -92,6 +122,17 @@ pub async fn replay(
             .message_id()
             .as_ref()
             .map(|id| id.to_string());
+        let back_again = match &id {
+            Some(id) => !seen.insert(id.clone()),
+            None => {
+                anonymous += 1;
+                anonymous > present
+            }
+        };
+        if back_again {
+            kept.push(delivery.delivery_tag);
+            break;
+        }
         let selected =
             message_ids.is_empty() || id.as_ref().is_some_and(|id| message_ids.contains(id));
         if !selected {

@@ -78,7 +78,11 @@ impl From<sqlx::Error> for HandlerError {
 
 impl From<shop_outbox::OutboxError> for HandlerError {
     fn from(error: shop_outbox::OutboxError) -> Self {
-        Self::Transient(error.into())
+        match error {
+            // The same event would be refused again on every attempt.
+            shop_outbox::OutboxError::TooLong { .. } => Self::Permanent(error.into()),
+            shop_outbox::OutboxError::Database(_) => Self::Transient(error.into()),
+        }
     }
 }
 

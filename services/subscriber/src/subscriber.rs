@@ -6,12 +6,19 @@
 //!
 //! 1. reads the metadata and finds the handler for the event type (neither
 //!    found: dead-letter at once);
-//! 2. begins a transaction and records the message id in the inbox; if it was
-//!    there already, the message is a duplicate: acknowledge, do nothing;
+//! 2. begins a transaction, takes the transaction-scoped advisory lock of
+//!    the message's aggregate and records the message id in the inbox; if it
+//!    was there already, the message is a duplicate: acknowledge, do nothing;
 //! 3. runs the handler in that transaction and commits;
 //! 4. acknowledges only after the commit. A transient failure is re-published
 //!    to a delay queue (confirmed) and then acknowledged; a permanent one, or
 //!    the last attempt, goes to the dead-letter queue the same way.
+//!
+//! The aggregate lock carries the lanes' one-at-a-time guarantee across
+//! processes: with several replicas on one queue, two events of an order
+//! are never applied concurrently, and the second sees what the first
+//! committed. Replicas can still apply them in either order, so handlers
+//! must accept any order (see the services' handlers).
 //!
 //! If the database is unreachable, the lane waits and tries the same
 //! delivery again without spending an attempt. If the broker connection
@@ -177,6 +184,7 @@ impl SubscriberBuilder {
                 topology,
                 handlers: self.handlers,
                 pool,
+                consuming: tokio::sync::watch::Sender::new(false),
             }),
         }
     }
@@ -194,6 +202,8 @@ struct Inner {
     topology: Topology,
     handlers: HashMap<String, Arc<dyn Dispatch>>,
     pool: PgPool,
+    /// Whether a session is consuming from the broker now.
+    consuming: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -229,6 +239,12 @@ impl Subscriber {
             handlers: HashMap::new(),
             retired: Vec::new(),
         }
+    }
+
+    /// Whether the subscriber is consuming from the broker: false before it
+    /// runs, while it reconnects after a broker failure, and once stopped.
+    pub fn consuming(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.consuming.subscribe()
     }
 
     /// The queues and bindings this subscriber declares.
@@ -316,6 +332,9 @@ impl Subscriber {
             .await
             .context("failed to consume")?;
         tracing::info!(consumer = %inner.consumer, queue = %inner.topology.queue, "subscriber consuming");
+        inner.consuming.send_replace(true);
+        // Whatever ends this session, the subscriber is no longer consuming.
+        let _not_consuming = NotConsuming(&inner.consuming);
 
         let lane_count = inner.settings.concurrency.max(1) as usize;
         let mut lanes = Vec::with_capacity(lane_count);
@@ -377,6 +396,15 @@ impl Subscriber {
         }
         let _ = conn.close(200, "OK".into()).await;
         result
+    }
+}
+
+/// Clears the consuming flag when a session ends, however it ends.
+struct NotConsuming<'a>(&'a tokio::sync::watch::Sender<bool>);
+
+impl Drop for NotConsuming<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
     }
 }
 
@@ -662,8 +690,15 @@ impl Inner {
     ) -> Result<Outcome, RunFailure> {
         let span = self.span(metadata);
         async {
-            match inbox::record(tx, &self.consumer, metadata.message_id, &metadata.event_type)
-                .await
+            let aggregate = inbox::serial_key(metadata.aggregate_id.as_deref(), metadata.message_id);
+            match inbox::record(
+                tx,
+                &self.consumer,
+                &aggregate,
+                metadata.message_id,
+                &metadata.event_type,
+            )
+            .await
             {
                 Ok(true) => {}
                 Ok(false) => return Ok(Outcome::Duplicate),
@@ -720,7 +755,8 @@ impl Inner {
                 Ok(tx) => tx,
                 Err(error) => return Outcome::DatabaseUnavailable(error),
             };
-            match inbox::record(&mut tx, &self.consumer, metadata.message_id, &metadata.event_type).await {
+            let aggregate = inbox::serial_key(metadata.aggregate_id.as_deref(), metadata.message_id);
+            match inbox::record(&mut tx, &self.consumer, &aggregate, metadata.message_id, &metadata.event_type).await {
                 Ok(true) => {}
                 Ok(false) => return Outcome::Duplicate,
                 Err(error) => return Outcome::DatabaseUnavailable(error),

@@ -291,3 +291,72 @@ async fn a_retired_event_type_stops_being_routed_and_what_was_queued_is_still_ap
     assert_eq!(rows.len(), 1, "the queued event was not applied once");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_replay_moves_exactly_the_dead_letters_present_when_it_starts_even_if_they_fail_again()
+-> Result<()> {
+    let mut setup = Setup::new().await?;
+    // One attempt: a failure goes straight back to the dead-letter queue.
+    setup.settings.max_attempts = 1;
+    let recorder = Recorder::new(Mode::AlwaysFail);
+    let running = setup.start(&recorder).await?;
+    const LETTERS: usize = 200;
+    let orders: Vec<String> = (0..LETTERS).map(|n| format!("order-fail-{n}")).collect();
+    setup.publish_many(&orders).await?;
+
+    let conn = setup.broker.connect().await?;
+    let dead = async |expected: usize| {
+        shop_tests::eventually(Duration::from_secs(60), "the dead letters", || async {
+            let letters = shop_subscriber::dlq::list(&conn, &setup.queue).await?;
+            Ok((letters.len() == expected).then_some(()))
+        })
+        .await
+    };
+    dead(LETTERS).await?;
+    // Listing handed them back; wait until the broker shows them all ready.
+    let channel = conn.create_channel().await?;
+    shop_tests::eventually(
+        Duration::from_secs(30),
+        "the letters to be ready",
+        || async {
+            let dlq = channel
+                .queue_declare(
+                    format!("{}.dlq", setup.queue).as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await?;
+            Ok((dlq.message_count() as usize == LETTERS).then_some(()))
+        },
+    )
+    .await?;
+    let before = recorder.calls.load(Ordering::SeqCst);
+
+    // The consumer still fails every message, so each replayed one comes
+    // back to the dead-letter queue while the replay runs.
+    let replayed = tokio::time::timeout(
+        Duration::from_secs(60),
+        shop_subscriber::dlq::replay(&conn, &setup.queue, &[]),
+    )
+    .await
+    .expect("the replay never ended")?;
+    assert_eq!(replayed, LETTERS, "each dead letter was replayed once");
+    assert!(
+        recorder.calls.load(Ordering::SeqCst) > before,
+        "replayed to the consumer"
+    );
+    // They fail again and are all back, once each.
+    dead(LETTERS).await?;
+    let ids: std::collections::HashSet<Option<String>> =
+        shop_subscriber::dlq::list(&conn, &setup.queue)
+            .await?
+            .into_iter()
+            .map(|letter| letter.message_id)
+            .collect();
+    assert_eq!(ids.len(), LETTERS);
+    running.stop().await?;
+    Ok(())
+}

@@ -55,6 +55,8 @@ pub struct Settings {
     #[command(flatten)]
     pub tls: shop_server::grpc::TlsSettings,
     #[command(flatten)]
+    pub drain: shop_server::grpc::DrainSettings,
+    #[command(flatten)]
     pub subscriber: SubscriberSettings,
 }
 
@@ -69,13 +71,15 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     )
     .await?;
     let subscriber = events::subscriber(settings.subscriber, foundation.pool.clone());
-    let api = UserServiceServer::new(grpc::Users::new(foundation.pool));
-    shop_server::Service::new(
+    let api = UserServiceServer::new(grpc::Users::new(foundation.pool.clone()));
+    Ok(shop_server::Service::new(
         foundation.listener,
+        &foundation.pool,
         tonic::service::Routes::new(api),
         SERVICE_NAME,
         [subscriber],
     )
     .await?
-    .with_tls(&settings.tls)
+    .with_tls(&settings.tls)?
+    .with_drain(&settings.drain, Default::default()))
 }

@@ -27,6 +27,8 @@ pub struct System {
     pub payment: PaymentServiceClient<Channel>,
     pub notification: NotificationServiceClient<Channel>,
     pub user: UserServiceClient<Channel>,
+    /// The order service's gRPC address.
+    pub order_addr: SocketAddr,
     pub order_db: TestDatabase,
     pub inventory_db: TestDatabase,
     pub payment_db: TestDatabase,
@@ -43,6 +45,8 @@ pub struct System {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Options {
     pub without_payment: bool,
+    /// Inventory services on the one inventory database and queue (1 when 0).
+    pub inventory_replicas: usize,
 }
 
 impl System {
@@ -107,6 +111,9 @@ impl System {
             database_url: user_db.url.clone(),
             metrics_addr: None,
             tls: Default::default(),
+            drain: shop_server::grpc::DrainSettings {
+                drain_timeout: Duration::from_secs(2),
+            },
             pool: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
@@ -115,24 +122,33 @@ impl System {
         let user_addr = app.addr();
         tasks.push(tokio::spawn(app.run_until_stopped(shutdown.clone())));
 
-        let app = inventory_service::build(inventory_service::Settings {
-            grpc_addr: any,
-            database_url: inventory_db.url.clone(),
-            metrics_addr: None,
-            tls: Default::default(),
-            pool: Default::default(),
-            log_json: false,
-            subscriber: subscriber.clone(),
-        })
-        .await?;
-        let inventory_addr = app.addr();
-        tasks.push(tokio::spawn(app.run_until_stopped(shutdown.clone())));
+        let mut inventory_addr = any;
+        for _ in 0..options.inventory_replicas.max(1) {
+            let app = inventory_service::build(inventory_service::Settings {
+                grpc_addr: any,
+                database_url: inventory_db.url.clone(),
+                metrics_addr: None,
+                tls: Default::default(),
+                drain: shop_server::grpc::DrainSettings {
+                    drain_timeout: Duration::from_secs(2),
+                },
+                pool: Default::default(),
+                log_json: false,
+                subscriber: subscriber.clone(),
+            })
+            .await?;
+            inventory_addr = app.addr();
+            tasks.push(tokio::spawn(app.run_until_stopped(shutdown.clone())));
+        }
 
         let app = order_service::build(order_service::Settings {
             grpc_addr: any,
             database_url: order_db.url.clone(),
             metrics_addr: None,
             tls: Default::default(),
+            drain: shop_server::grpc::DrainSettings {
+                drain_timeout: Duration::from_secs(2),
+            },
             pool: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
@@ -147,6 +163,9 @@ impl System {
             decline_above_minor: DECLINE_ABOVE,
             metrics_addr: None,
             tls: Default::default(),
+            drain: shop_server::grpc::DrainSettings {
+                drain_timeout: Duration::from_secs(2),
+            },
             pool: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
@@ -161,6 +180,9 @@ impl System {
             database_url: notification_db.url.clone(),
             metrics_addr: None,
             tls: Default::default(),
+            drain: shop_server::grpc::DrainSettings {
+                drain_timeout: Duration::from_secs(2),
+            },
             pool: Default::default(),
             log_json: false,
             subscriber,
@@ -176,6 +198,7 @@ impl System {
         };
         Ok(Self {
             order: OrderServiceClient::new(channel(order_addr)),
+            order_addr,
             inventory: InventoryServiceClient::new(channel(inventory_addr)),
             payment: PaymentServiceClient::new(channel(payment_addr)),
             notification: NotificationServiceClient::new(channel(notification_addr)),
