@@ -1,12 +1,14 @@
 //! What the relay's gRPC health service reports.
 //!
-//! SERVING means this instance is connected and the outbox is moving: it is
-//! NOT_SERVING while its session is down (no database or broker), and while
-//! the outbox has had a row ready to publish for longer than the stall
-//! timeout with this instance publishing nothing in that time — for example
-//! when a frozen instance still holds the row's partition, or this instance
-//! holds no partition at all. A relay that is busy publishing a backlog,
-//! however old its oldest row, is making progress and stays SERVING.
+//! SERVING means this instance is connected and its part of the outbox is
+//! moving: it is NOT_SERVING while its session is down (no database or
+//! broker), and while a row it should be publishing (ready, in one of its
+//! partitions or in one no relay holds) has waited longer than the stall
+//! timeout with this instance publishing nothing in that time. A relay busy
+//! publishing a backlog, however old its oldest row, is making progress and
+//! stays SERVING; rows held back behind a quarantined or retrying row of
+//! their aggregate, and rows of partitions other live relays hold, do not
+//! count against it.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -25,6 +27,7 @@ pub struct Health {
 #[derive(Debug)]
 struct State {
     connected: bool,
+    owned: Vec<i32>,
     stalled: bool,
     last_progress: Instant,
     reported: Option<ServingStatus>,
@@ -37,6 +40,7 @@ impl Health {
             reporter,
             state: Mutex::new(State {
                 connected: false,
+                owned: Vec::new(),
                 stalled: false,
                 last_progress: Instant::now(),
                 reported: None,
@@ -55,6 +59,20 @@ impl Health {
             }
         }
         self.report().await;
+    }
+
+    /// The partitions this instance holds now.
+    pub fn set_owned(&self, owned: Vec<i32>) {
+        self.state.lock().expect("health state poisoned").owned = owned;
+    }
+
+    /// The partitions this instance holds, as last set.
+    pub fn owned(&self) -> Vec<i32> {
+        self.state
+            .lock()
+            .expect("health state poisoned")
+            .owned
+            .clone()
     }
 
     /// Rows were published.

@@ -20,7 +20,7 @@ pub const LEASE_APPLICATION_NAME: &str = "outbox-relay";
 
 /// First key of the two-key advisory locks ('outb'); the second is the
 /// partition number.
-const LOCK_CLASS: i32 = 0x6f75_7462;
+pub const LOCK_CLASS: i32 = 0x6f75_7462;
 
 /// The partitions this instance holds.
 #[derive(Debug)]

@@ -217,19 +217,8 @@ impl Worker {
     ) -> anyhow::Result<()> {
         let settings = &self.settings;
         let limit = settings.lease_timeout;
-        let mut conn = within(limit, async {
-            options
-                .connect()
-                .await
-                .context("failed to connect to PostgreSQL")
-        })
-        .await?;
-        let partition_count = within(limit, async {
-            store::partition_count(&mut conn)
-                .await
-                .context("failed to read the outbox partition count; is the outbox migrated?")
-        })
-        .await?;
+        // The broker first: the lease connection must not sit idle (and be
+        // ended by the server) while a slow broker answers.
         let publisher = tokio::time::timeout(
             settings.confirm_timeout,
             Publisher::connect(
@@ -248,6 +237,19 @@ impl Worker {
             )
         })?
         .context("failed to connect to RabbitMQ")?;
+        let mut conn = within(limit, async {
+            options
+                .connect()
+                .await
+                .context("failed to connect to PostgreSQL")
+        })
+        .await?;
+        let partition_count = within(limit, async {
+            store::partition_count(&mut conn)
+                .await
+                .context("failed to read the outbox partition count; is the outbox migrated?")
+        })
+        .await?;
         tracing::info!(exchange = %settings.exchange, "relay connected");
         health.set_connected(true).await;
 
@@ -259,12 +261,14 @@ impl Worker {
         {
             Ok(()) => {
                 within(limit, async { Ok(leases.release_all(&mut conn).await?) }).await?;
+                health.set_owned(Vec::new());
                 publisher.close().await;
                 let _ = conn.close().await;
                 Ok(())
             }
             Err(error) => {
                 leases.forget();
+                health.set_owned(Vec::new());
                 Err(error)
             }
         }
@@ -281,6 +285,10 @@ impl Worker {
     ) -> anyhow::Result<()> {
         let settings = &self.settings;
         let limit = settings.lease_timeout;
+        // Statements that move rows may legitimately take longer than the
+        // lease timeout (a batch of large payloads); while one runs, the
+        // server does not count the session as idle.
+        let data_limit = settings.lease_timeout.max(settings.confirm_timeout);
         let depth = usize::from(settings.pipeline_depth);
         let mut pipeline = Pipeline::default();
         let mut idle = Idle::new(settings.listen);
@@ -329,6 +337,7 @@ impl Worker {
                     Ok(())
                 })
                 .await?;
+                health.set_owned(leases.owned());
                 next_rebalance = Instant::now() + settings.rebalance_interval;
                 fetch = true;
             }
@@ -343,7 +352,7 @@ impl Worker {
                 && !owned.is_empty()
             {
                 let in_flight = pipeline.in_flight_ids();
-                let mut rows = within(limit, async {
+                let mut rows = within(data_limit, async {
                     store::fetch_pending(conn, &owned, settings.batch_size, &in_flight)
                         .await
                         .context("failed to fetch pending rows")
@@ -396,7 +405,7 @@ impl Worker {
                     }
                     // Batches the broker confirmed are marked even when
                     // another one failed, so they are not published again.
-                    within(limit, self.settle(conn, health, outcomes)).await?;
+                    within(data_limit, self.settle(conn, health, outcomes)).await?;
                     if let Some(error) = failed {
                         return Err(error);
                     }

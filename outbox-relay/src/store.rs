@@ -226,9 +226,6 @@ pub struct Backlog {
     pub oldest_pending_age_seconds: f64,
     /// Rows in quarantine.
     pub quarantined: i64,
-    /// Seconds the longest-waiting row ready to publish (not quarantined,
-    /// not waiting for a retry) has waited, 0 when there is none.
-    pub oldest_ready_wait_seconds: f64,
 }
 
 /// Counts the backlog.
@@ -237,13 +234,46 @@ pub async fn backlog(pool: &PgPool) -> sqlx::Result<Backlog> {
         "SELECT count(*) FILTER (WHERE quarantined_at IS NULL) AS pending, \
                 coalesce(extract(epoch FROM now() - min(occurred_at) \
                     FILTER (WHERE quarantined_at IS NULL))::float8, 0) AS oldest_pending_age_seconds, \
-                count(*) FILTER (WHERE quarantined_at IS NOT NULL) AS quarantined, \
-                coalesce(extract(epoch FROM now() - min(coalesce(next_attempt_at, occurred_at)) \
-                    FILTER (WHERE quarantined_at IS NULL \
-                        AND (next_attempt_at IS NULL OR next_attempt_at <= now())))::float8, 0) \
-                    AS oldest_ready_wait_seconds \
+                count(*) FILTER (WHERE quarantined_at IS NOT NULL) AS quarantined \
          FROM outbox WHERE published_at IS NULL",
     )
+    .fetch_one(pool)
+    .await
+}
+
+/// How long, in seconds, the longest-waiting row that a relay holding
+/// `owned` should be publishing now has waited (0 when none): rows a fetch
+/// would return (not quarantined, not waiting for a retry, not behind such
+/// a row of their aggregate) in the partitions in `owned` or held by no
+/// relay at all. Rows in partitions other live relays hold are theirs.
+pub async fn oldest_ready_wait(pool: &PgPool, owned: &[i32]) -> sqlx::Result<f64> {
+    sqlx::query_scalar(
+        "WITH blocked AS MATERIALIZED ( \
+             SELECT aggregate_type, aggregate_id, min(id) AS from_id \
+             FROM outbox \
+             WHERE published_at IS NULL \
+               AND (quarantined_at IS NOT NULL OR next_attempt_at IS NOT NULL) \
+               AND (quarantined_at IS NOT NULL OR next_attempt_at > now()) \
+             GROUP BY aggregate_type, aggregate_id), \
+         held AS MATERIALIZED ( \
+             SELECT l.objid::int AS partition FROM pg_locks l \
+             JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+               AND l.classid = $2::int::oid AND d.datname = current_database()) \
+         SELECT coalesce(extract(epoch FROM now() \
+                    - min(coalesce(o.next_attempt_at, o.occurred_at)))::float8, 0) \
+         FROM outbox o \
+         WHERE o.published_at IS NULL AND o.quarantined_at IS NULL \
+           AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now()) \
+           AND (o.partition = ANY($1) OR o.partition NOT IN (SELECT partition FROM held)) \
+           AND NOT EXISTS ( \
+               SELECT 1 FROM blocked b \
+               WHERE b.aggregate_type = o.aggregate_type \
+                 AND b.aggregate_id = o.aggregate_id \
+                 AND b.from_id <= o.id)",
+    )
+    .bind(owned)
+    .bind(crate::lease::LOCK_CLASS)
     .fetch_one(pool)
     .await
 }

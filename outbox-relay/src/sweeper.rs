@@ -44,14 +44,16 @@ pub async fn run(
 }
 
 async fn watch_backlog(pool: &PgPool, health: &Health, stall_timeout: Duration) {
+    match store::oldest_ready_wait(pool, &health.owned()).await {
+        Ok(waited) => {
+            health
+                .observe_backlog(health::seconds(waited), stall_timeout)
+                .await;
+        }
+        Err(error) => tracing::warn!(%error, "failed to check the outbox for stalls"),
+    }
     match store::backlog(pool).await {
         Ok(backlog) => {
-            health
-                .observe_backlog(
-                    health::seconds(backlog.oldest_ready_wait_seconds),
-                    stall_timeout,
-                )
-                .await;
             metrics::gauge!(crate::metrics::PENDING_ROWS).set(backlog.pending as f64);
             metrics::gauge!(crate::metrics::OLDEST_PENDING_AGE)
                 .set(backlog.oldest_pending_age_seconds);

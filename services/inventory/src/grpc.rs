@@ -107,7 +107,7 @@ impl InventoryService for Inventory {
         )
         .await
         .map_err(ServiceError::from)?;
-        tx.commit().await.map_err(ServiceError::from)?;
+        tx.commit().await.map_err(ServiceError::commit)?;
         Ok(Response::new(CreateProductResponse {
             product: Some(product),
             stock: Some(stock_message(&row)),
@@ -160,7 +160,7 @@ impl InventoryService for Inventory {
         )
         .await
         .map_err(ServiceError::from)?;
-        tx.commit().await.map_err(ServiceError::from)?;
+        tx.commit().await.map_err(ServiceError::commit)?;
         Ok(Response::new(ChangePriceResponse {
             product: Some(product_message(&row)),
         }))
@@ -185,7 +185,7 @@ impl InventoryService for Inventory {
             .await
             .map_err(ServiceError::from)?
             .ok_or_else(|| not_found(id))?;
-        tx.commit().await.map_err(ServiceError::from)?;
+        tx.commit().await.map_err(ServiceError::commit)?;
         Ok(Response::new(RestockResponse {
             stock: Some(stock_message(&row)),
         }))

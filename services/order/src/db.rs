@@ -35,10 +35,11 @@ const ORDER_COLUMNS: &str = "id, customer_id, status, cancel_reason, total_minor
 
 /// The condition under which a catalog change at version `param` replaces
 /// what the copy holds at `catalog.version`: only a newer version does.
-/// Version 0 (events from producers without versions) replaces only
-/// unversioned entries.
+/// Version 0 comes from producers that predate versions (during a rolling
+/// upgrade): such a change is applied as it always was, and leaves the
+/// copy's version as it is.
 fn newer(param: &str) -> String {
-    format!("(catalog.version < {param} OR ({param} = 0 AND catalog.version = 0))")
+    format!("(catalog.version < {param} OR {param} = 0)")
 }
 
 /// Adds a product to the catalog copy, or updates it if `version` is newer
@@ -55,7 +56,8 @@ pub async fn upsert_product(
         "INSERT INTO catalog (product_id, sku, name, price_minor, currency, version) \
          VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (product_id) DO UPDATE \
-         SET sku = $2, name = $3, price_minor = $4, currency = $5, version = $6, updated_at = now() \
+         SET sku = $2, name = $3, price_minor = $4, currency = $5, \
+             version = greatest(catalog.version, $6), updated_at = now() \
          WHERE {}",
         newer("$6")
     )))
@@ -89,7 +91,8 @@ pub async fn set_price(
 ) -> sqlx::Result<PriceUpdate> {
     let (known, applied): (bool, bool) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH updated AS ( \
-             UPDATE catalog SET price_minor = $2, currency = $3, version = $4, updated_at = now() \
+             UPDATE catalog SET price_minor = $2, currency = $3, \
+                 version = greatest(catalog.version, $4), updated_at = now() \
              WHERE product_id = $1 AND {} RETURNING 1) \
          SELECT EXISTS (SELECT 1 FROM catalog WHERE product_id = $1), EXISTS (SELECT 1 FROM updated)",
         newer("$4")

@@ -224,7 +224,7 @@ impl OrderService for Orders {
         )
         .await
         .map_err(ServiceError::from)?;
-        tx.commit().await.map_err(ServiceError::from)?;
+        tx.commit().await.map_err(ServiceError::commit)?;
         tracing::info!(order_id = %order.id, total, "order placed");
         // The order as just written; reading it back would only cost time.
         let full = FullOrder {
@@ -296,7 +296,7 @@ impl OrderService for Orders {
         )
         .await
         .map_err(handler_error)?;
-        tx.commit().await.map_err(ServiceError::from)?;
+        tx.commit().await.map_err(ServiceError::commit)?;
         let full = self.get(id).await?;
         Ok(Response::new(CancelOrderResponse {
             order: Some(order_message(&full)),
@@ -336,11 +336,10 @@ impl OrderService for Orders {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = sender.closed() => return,
                         _ = stopping.cancelled() => {
-                            let _ = sender
-                                .send(Err(Status::unavailable(
-                                    "the server is shutting down; watch the order again",
-                                )))
-                                .await;
+                            // Not waiting for a client that stopped reading.
+                            let _ = sender.try_send(Err(Status::unavailable(
+                                "the server is shutting down; watch the order again",
+                            )));
                             return;
                         }
                     }
@@ -352,8 +351,7 @@ impl OrderService for Orders {
                         }
                         Ok(_) => {}
                         Err(error) => {
-                            tracing::error!(%error, "failed to read a watched order");
-                            let _ = sender.send(Err(Status::internal("internal error"))).await;
+                            let _ = sender.try_send(Err(ServiceError::from(error).into()));
                             return;
                         }
                     }

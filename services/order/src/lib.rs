@@ -82,7 +82,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     let streams = tokio_util::sync::CancellationToken::new();
     let api = OrderServiceServer::new(grpc::Orders::new(
         foundation.pool.clone(),
-        watch::StatusChanges::start(foundation.pool.clone()),
+        watch::StatusChanges::start(foundation.pool.clone(), streams.clone()),
         streams.clone(),
     ));
     Ok(shop_server::Service::new(

@@ -34,9 +34,10 @@ pub struct StatusChanges {
 }
 
 impl StatusChanges {
-    /// Starts listening on `pool`'s database.
-    pub fn start(pool: PgPool) -> Self {
-        let shutdown = CancellationToken::new();
+    /// Starts listening on `pool`'s database, until `stopping` is
+    /// cancelled or the last clone is dropped.
+    pub fn start(pool: PgPool, stopping: CancellationToken) -> Self {
+        let shutdown = stopping.child_token();
         let stop = Arc::new(shutdown.clone().drop_guard());
         let (sender, _) = broadcast::channel(1024);
         let forward = sender.clone();

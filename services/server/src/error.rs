@@ -44,26 +44,17 @@ pub enum ServiceError {
     Internal(#[from] anyhow::Error),
 }
 
-/// Whether a database error means the database cannot be reached now, as
-/// opposed to a fault in the request or the code: no connection from the
-/// pool in time, a broken connection, or the server refusing connections
-/// (SQLSTATE class 08, 53300 too many connections, 57P01–57P03 shutting
-/// down or starting up).
-pub fn is_unavailable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || code == "53300" || code.starts_with("57P0")
-        }),
-        _ => false,
-    }
-}
+pub use shop_subscriber::database_unavailable as is_unavailable;
 
 impl ServiceError {
+    /// A failed COMMIT. Unlike a failure earlier in a transaction, the
+    /// change may have been made (the connection broke after the server
+    /// committed), so this is never UNAVAILABLE: clients retry that, and a
+    /// call that is not idempotent would be applied twice.
+    pub fn commit(error: sqlx::Error) -> Self {
+        Self::Internal(anyhow::Error::new(error).context("the commit's outcome is unknown"))
+    }
+
     /// An invalid field.
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self::InvalidArgument {
@@ -153,6 +144,11 @@ mod tests {
             assert!(!status.message().contains("pool"), "{status:?}");
         }
         let status = Status::from(ServiceError::from(sqlx::Error::RowNotFound));
+        assert_eq!(status.code(), Code::Internal);
+        // A broken commit may have committed: not to be retried blindly.
+        let status = Status::from(ServiceError::commit(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        ))));
         assert_eq!(status.code(), Code::Internal);
     }
 

@@ -2,14 +2,15 @@
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Confirmation, Connection};
-use std::collections::HashSet;
+use lapin::{Confirmation, Connection};
 
 use crate::subscriber::{ATTEMPT_HEADER, ATTEMPTS_HEADER, REASON_HEADER, header_str};
 use crate::topology::dead_letter_queue;
+
+/// Header naming the replay run that last re-published a dead letter.
+pub const REPLAY_HEADER: &str = "x-replayed-by";
 
 /// A message in a dead-letter queue.
 #[derive(Debug, Clone)]
@@ -24,21 +25,6 @@ pub struct DeadLetter {
     pub attempts: Option<u32>,
     /// Payload size in bytes.
     pub payload_bytes: usize,
-}
-
-/// How many messages a queue holds now (ready, not being delivered).
-async fn depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(declared.message_count())
 }
 
 /// Lists the dead letters of work queue `queue`, leaving them in place.
@@ -91,12 +77,11 @@ pub async fn list(conn: &Connection, queue: &str) -> anyhow::Result<Vec<DeadLett
 /// empty. Returns how many were moved.
 ///
 /// A replay always ends, even while the consumer fails every replayed
-/// message again: a replayed message comes back to the tail of the
+/// message again: each replayed message carries this run's id in
+/// [`REPLAY_HEADER`], and a failed message comes back to the tail of the
 /// dead-letter queue, behind every message that was there when the replay
-/// started, so the replay stops at the first message it has already
-/// replayed (recognised by its message id) and leaves it for the next
-/// replay. Messages without an id cannot be recognised; at most as many of
-/// them as the queue held at the start are replayed.
+/// started; so the replay stops at the first message marked with its own
+/// id and leaves it for the next replay.
 pub async fn replay(
     conn: &Connection,
     queue: &str,
@@ -107,9 +92,7 @@ pub async fn replay(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let dlq = dead_letter_queue(queue);
-    let present = depth(&channel, &dlq).await?;
-    let mut seen = HashSet::new();
-    let mut anonymous = 0;
+    let run = uuid::Uuid::now_v7().to_string();
     let mut replayed = 0;
     let mut kept = Vec::new();
     while let Some(message) = channel
@@ -122,14 +105,9 @@ pub async fn replay(
             .message_id()
             .as_ref()
             .map(|id| id.to_string());
-        let back_again = match &id {
-            Some(id) => !seen.insert(id.clone()),
-            None => {
-                anonymous += 1;
-                anonymous > present
-            }
-        };
-        if back_again {
+        if header_str(&delivery.properties, REPLAY_HEADER).as_deref() == Some(run.as_str()) {
+            // Replayed by this run and failed again: everything that was
+            // here at the start has been looked at.
             kept.push(delivery.delivery_tag);
             break;
         }
@@ -147,6 +125,10 @@ pub async fn replay(
             .unwrap_or_default();
         map.retain(|key, _| key.as_str() != REASON_HEADER && key.as_str() != ATTEMPTS_HEADER);
         map.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(1));
+        map.insert(
+            REPLAY_HEADER.into(),
+            AMQPValue::LongString(run.as_str().into()),
+        );
         let headers = FieldTable::from(map);
         let confirmation = channel
             .basic_publish(

@@ -17,5 +17,5 @@ pub mod topology;
 
 pub use handler::{EventHandler, HandlerError, HandlerTx, Metadata};
 pub use settings::SubscriberSettings;
-pub use subscriber::{Subscriber, SubscriberBuilder};
+pub use subscriber::{Subscriber, SubscriberBuilder, database_unavailable};
 pub use topology::{QueueKind, Topology};

@@ -500,6 +500,25 @@ async fn commit_without_lock_timeout(mut tx: HandlerTx) -> sqlx::Result<()> {
     tx.commit().await
 }
 
+/// Whether a database error means the database cannot be reached now, as
+/// opposed to a fault in the statement or its data: no connection from the
+/// pool in time, a broken connection, or the server refusing connections
+/// (SQLSTATE class 08, 53300 too many connections, 57P01–57P03 shutting
+/// down or starting up).
+pub fn database_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code == "53300" || code.starts_with("57P0")
+        }),
+        _ => false,
+    }
+}
+
 /// Whether an error is a lock wait that timed out or a deadlock.
 fn is_contention(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
@@ -759,7 +778,14 @@ impl Inner {
             match inbox::record(&mut tx, &self.consumer, &aggregate, metadata.message_id, &metadata.event_type).await {
                 Ok(true) => {}
                 Ok(false) => return Outcome::Duplicate,
-                Err(error) => return Outcome::DatabaseUnavailable(error),
+                // An outage, or a deadlock with another replica: try the
+                // same delivery again without spending an attempt.
+                Err(error) if database_unavailable(&error) || is_contention_sqlx(&error) => {
+                    return Outcome::DatabaseUnavailable(error);
+                }
+                // Something about the message itself (say, a header
+                // PostgreSQL refuses): an ordinary failed attempt.
+                Err(error) => return Outcome::Retry(format!("failed to record the message: {error}")),
             }
             let started = Instant::now();
             let result = AssertUnwindSafe(handler.dispatch(&mut tx, &delivery.data, &metadata))

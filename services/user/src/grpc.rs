@@ -103,7 +103,7 @@ impl UserService for Users {
         )
         .await
         .map_err(ServiceError::from)?;
-        tx.commit().await.map_err(ServiceError::from)?;
+        tx.commit().await.map_err(ServiceError::commit)?;
         Ok(Response::new(RegisterUserResponse {
             user: Some(User {
                 user_id: key,
