@@ -75,6 +75,7 @@ async fn health_and_errors_follow_the_database_and_the_broker_and_recover() -> R
         metrics_addr: None,
         tls: Default::default(),
         drain: Default::default(),
+        auth: shop_server::auth::AuthSettings::disabled(),
         pool: shop_server::database::PoolSettings {
             db_max_connections: 4,
             db_acquire_timeout: Duration::from_secs(1),

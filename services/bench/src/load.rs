@@ -22,6 +22,7 @@ use shop_proto::order::v1::{PlaceOrderLine, PlaceOrderRequest};
 use shop_proto::types::v1::Money;
 use shop_proto::user::v1::RegisterUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
+use shop_server::auth::{AuthSettings, LocalTokens};
 use shop_tests::TestDatabase;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -40,6 +41,27 @@ const CURRENCY: &str = "EUR";
 /// schedule falls behind, which shows as sender lag.
 const MAX_IN_FLIGHT: usize = 2048;
 
+/// The secret this run's services check tokens with (HS256), made per run.
+pub(crate) fn secret() -> &'static str {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SECRET.get_or_init(shop_server::auth::random_secret)
+}
+
+/// Tokens this run's services accept.
+fn tokens() -> LocalTokens {
+    LocalTokens::new(&AuthSettings::shared_secret(secret())).expect("a secret is set")
+}
+
+/// `message` with `authorization: Bearer <token>`.
+fn signed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {token}")
+        .parse()
+        .expect("a token is valid metadata");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
 /// Opens a gRPC connection to `addr`.
 pub(crate) async fn connect(addr: SocketAddr) -> Result<Channel> {
     Channel::from_shared(format!("http://{addr}"))
@@ -52,7 +74,8 @@ pub(crate) async fn connect(addr: SocketAddr) -> Result<Channel> {
 /// The customers and products orders are made of.
 #[derive(Debug)]
 pub(crate) struct Catalog {
-    customers: Vec<String>,
+    /// Customer ids with their tokens.
+    customers: Vec<(String, String)>,
     products: Vec<String>,
 }
 
@@ -68,33 +91,42 @@ impl Catalog {
     ) -> Result<Self> {
         anyhow::ensure!(products >= 2, "orders need at least two products");
         anyhow::ensure!(customers >= 1, "orders need at least one customer");
+        let tokens = tokens();
         let mut users = UserServiceClient::new(connect(user).await?);
         let mut customer_ids = Vec::with_capacity(customers);
         for i in 0..customers {
+            let token = tokens.customer(Uuid::now_v7());
             let response = users
-                .register_user(RegisterUserRequest {
-                    name: format!("Bench Customer {i}"),
-                    email: format!("customer-{i}@bench.example.com"),
-                })
+                .register_user(signed(
+                    &token,
+                    RegisterUserRequest {
+                        name: format!("Bench Customer {i}"),
+                        email: format!("customer-{i}@bench.example.com"),
+                    },
+                ))
                 .await
                 .context("RegisterUser failed")?
                 .into_inner();
             let user = response.user.context("RegisterUser answered no user")?;
-            customer_ids.push(user.user_id);
+            customer_ids.push((user.user_id, token));
         }
+        let staff = tokens.staff("shop-bench");
         let mut stock = InventoryServiceClient::new(connect(inventory).await?);
         let mut product_ids = Vec::with_capacity(products);
         for i in 0..products {
             let response = stock
-                .create_product(CreateProductRequest {
-                    sku: format!("BENCH-{i:05}"),
-                    name: format!("Bench product {i}"),
-                    unit_price: Some(Money {
-                        amount_minor: PRICE_MINOR,
-                        currency: CURRENCY.to_owned(),
-                    }),
-                    initial_stock: inventory_service::domain::MAX_STOCK_CHANGE,
-                })
+                .create_product(signed(
+                    &staff,
+                    CreateProductRequest {
+                        sku: format!("BENCH-{i:05}"),
+                        name: format!("Bench product {i}"),
+                        unit_price: Some(Money {
+                            amount_minor: PRICE_MINOR,
+                            currency: CURRENCY.to_owned(),
+                        }),
+                        initial_stock: inventory_service::domain::MAX_STOCK_CHANGE,
+                    },
+                ))
                 .await
                 .context("CreateProduct failed")?
                 .into_inner();
@@ -134,12 +166,22 @@ impl Catalog {
     /// A new order: a random customer, two different random products, one
     /// unit each, a fresh idempotency key.
     pub(crate) fn order(&self) -> PlaceOrderRequest {
+        self.order_by(rand::rng().random_range(0..self.customers.len()))
+            .into_inner()
+    }
+
+    /// Like [`Catalog::order`], with the customer's token.
+    pub(crate) fn signed_order(&self) -> tonic::Request<PlaceOrderRequest> {
+        self.order_by(rand::rng().random_range(0..self.customers.len()))
+    }
+
+    fn order_by(&self, customer: usize) -> tonic::Request<PlaceOrderRequest> {
         let mut rng = rand::rng();
-        let customer = &self.customers[rng.random_range(0..self.customers.len())];
+        let (customer, token) = &self.customers[customer];
         let n = self.products.len();
         let first = rng.random_range(0..n);
         let second = (first + rng.random_range(1..n)) % n;
-        PlaceOrderRequest {
+        let request = PlaceOrderRequest {
             customer_id: customer.clone(),
             lines: [first, second]
                 .into_iter()
@@ -149,14 +191,15 @@ impl Catalog {
                 })
                 .collect(),
             idempotency_key: Uuid::new_v4().to_string(),
-        }
+        };
+        signed(token, request)
     }
 }
 
 /// Places one order; returns its id.
 async fn place(
     client: &mut OrderServiceClient<Channel>,
-    request: PlaceOrderRequest,
+    request: tonic::Request<PlaceOrderRequest>,
 ) -> Result<Uuid, Status> {
     let response = client.place_order(request).await?.into_inner();
     response
@@ -176,7 +219,7 @@ pub(crate) async fn place_some(
     let mut ids = Vec::with_capacity(orders);
     for _ in 0..orders {
         ids.push(
-            place(&mut client, catalog.order())
+            place(&mut client, catalog.signed_order())
                 .await
                 .context("PlaceOrder failed")?,
         );
@@ -396,7 +439,7 @@ pub(crate) async fn closed_loop(
             let mut latencies = Vec::new();
             let mut failures = Failures::default();
             while Instant::now() < deadline {
-                let request = catalog.order();
+                let request = catalog.signed_order();
                 let sent = Instant::now();
                 match place(&mut client, request).await {
                     Ok(_) => latencies.push(millis(sent.elapsed())),
@@ -494,7 +537,7 @@ pub(crate) async fn open_loop(
         tokio::time::sleep_until(due.into()).await;
         let permit = in_flight.clone().acquire_owned().await?;
         let mut client = clients[slot % clients.len()].clone();
-        let request = catalog.order();
+        let request = catalog.signed_order();
         tasks.spawn(async move {
             let _permit = permit;
             let sent = Instant::now();

@@ -224,6 +224,7 @@ impl Checkout {
             let env = [
                 ("DATABASE_URL", db.url.as_str()),
                 ("AMQP_URL", broker.url.as_str()),
+                ("AUTH_HS256_SECRET", crate::load::secret()),
             ];
             let service = children.spawn(
                 kind,

@@ -6,6 +6,7 @@ use shop_proto::events::v1 as events;
 use shop_proto::inventory::v1::inventory_service_server::InventoryService;
 use shop_proto::inventory::v1::*;
 use shop_proto::types::v1::Money;
+use shop_server::auth::Caller;
 use shop_server::{ServiceError, validate};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
@@ -59,6 +60,7 @@ impl InventoryService for Inventory {
         &self,
         request: Request<CreateProductRequest>,
     ) -> Result<Response<CreateProductResponse>, Status> {
+        Caller::of(&request)?.require_staff()?;
         let request = request.into_inner();
         let sku = domain::sku("sku", &request.sku)?;
         let name = validate::text("name", &request.name, 200)?;
@@ -119,6 +121,7 @@ impl InventoryService for Inventory {
         &self,
         request: Request<ChangePriceRequest>,
     ) -> Result<Response<ChangePriceResponse>, Status> {
+        Caller::of(&request)?.require_staff()?;
         let request = request.into_inner();
         let id = validate::uuid("product_id", &request.product_id)?;
         let (price_minor, currency) = validate::money("unit_price", request.unit_price.as_ref())?;
@@ -171,6 +174,7 @@ impl InventoryService for Inventory {
         &self,
         request: Request<RestockRequest>,
     ) -> Result<Response<RestockResponse>, Status> {
+        Caller::of(&request)?.require_staff()?;
         let request = request.into_inner();
         let id = validate::uuid("product_id", &request.product_id)?;
         if !(1..=MAX_STOCK_CHANGE).contains(&request.quantity) {

@@ -62,6 +62,8 @@ pub struct Settings {
     #[command(flatten)]
     pub drain: shop_server::grpc::DrainSettings,
     #[command(flatten)]
+    pub auth: shop_server::auth::AuthSettings,
+    #[command(flatten)]
     pub subscriber: SubscriberSettings,
 }
 
@@ -76,7 +78,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     )
     .await?;
     let subscriber = events::subscriber(settings.subscriber, foundation.pool.clone());
-    let api = InventoryServiceServer::new(grpc::Inventory::new(foundation.pool.clone()));
+    let auth = shop_server::auth::Authenticator::from_settings(&settings.auth)?;
+    let api = InventoryServiceServer::with_interceptor(
+        grpc::Inventory::new(foundation.pool.clone()),
+        auth,
+    );
     Ok(shop_server::Service::new(
         foundation.listener,
         &foundation.pool,

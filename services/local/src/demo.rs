@@ -1,5 +1,6 @@
 //! `shop-local demo`: drives a running checkout like a customer would and
-//! prints each order's saga as it happens.
+//! prints each order's saga as it happens. It mints its own tokens with the
+//! local secret: a staff token to stock the shop, and a customer's.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,10 +15,20 @@ use shop_proto::order::v1::{
 use shop_proto::types::v1::Money;
 use shop_proto::user::v1::RegisterUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
+use shop_server::auth::{AuthSettings, LocalTokens};
 use tonic::transport::Channel;
 
 fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
     Ok(Channel::from_shared(format!("http://{addr}"))?.connect_lazy())
+}
+
+/// `message` with `authorization: Bearer <token>`.
+fn signed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
 }
 
 fn eur(amount_minor: i64) -> Option<Money> {
@@ -34,17 +45,29 @@ pub(crate) async fn run(
     inventory_addr: SocketAddr,
     user_addr: SocketAddr,
     decline_above_minor: i64,
+    auth: &AuthSettings,
 ) -> anyhow::Result<()> {
     let mut orders = OrderServiceClient::new(channel(order_addr)?);
     let inventory = InventoryServiceClient::new(channel(inventory_addr)?);
     let mut users = UserServiceClient::new(channel(user_addr)?);
     let run = uuid_suffix();
+    // With authentication off the services ignore the tokens.
+    let (customer_token, staff_token) = match LocalTokens::new(auth) {
+        Ok(tokens) => (
+            tokens.customer(uuid::Uuid::now_v7()),
+            tokens.staff("shop-local demo"),
+        ),
+        Err(_) => (String::new(), String::new()),
+    };
 
     let customer = users
-        .register_user(RegisterUserRequest {
-            name: "Demo Customer".into(),
-            email: format!("demo-{run}@example.com"),
-        })
+        .register_user(signed(
+            &customer_token,
+            RegisterUserRequest {
+                name: "Demo Customer".into(),
+                email: format!("demo-{run}@example.com"),
+            },
+        ))
         .await
         .context("failed to register the demo customer; is the checkout running?")?
         .into_inner()
@@ -63,8 +86,12 @@ pub(crate) async fn run(
             initial_stock: stock,
         };
         let mut client = inventory.clone();
+        let token = staff_token.clone();
         async move {
-            let created = client.create_product(request).await?.into_inner();
+            let created = client
+                .create_product(signed(&token, request))
+                .await?
+                .into_inner();
             let product = created.product.context("no product in the response")?;
             println!(
                 "created product {} at {} minor units, stock {stock}",
@@ -91,12 +118,15 @@ pub(crate) async fn run(
             }],
             idempotency_key: format!("demo-{run}-{product_id}"),
         };
-        let order = place(&mut orders, request).await?;
+        let order = place(&mut orders, &customer_token, request).await?;
         println!("placed order {order}");
         let mut stream = orders
-            .watch_order(WatchOrderRequest {
-                order_id: order.clone(),
-            })
+            .watch_order(signed(
+                &customer_token,
+                WatchOrderRequest {
+                    order_id: order.clone(),
+                },
+            ))
             .await?
             .into_inner();
         while let Some(update) = stream.message().await? {
@@ -107,7 +137,7 @@ pub(crate) async fn run(
         // follow the final status; give them a moment, then print the saga.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let full = orders
-            .get_order(GetOrderRequest { order_id: order })
+            .get_order(signed(&customer_token, GetOrderRequest { order_id: order }))
             .await?
             .into_inner()
             .order
@@ -127,10 +157,11 @@ pub(crate) async fn run(
 /// the new customer or products from their events.
 async fn place(
     orders: &mut OrderServiceClient<Channel>,
+    token: &str,
     request: PlaceOrderRequest,
 ) -> anyhow::Result<String> {
     for _ in 0..100 {
-        match orders.place_order(request.clone()).await {
+        match orders.place_order(signed(token, request.clone())).await {
             Ok(response) => return Ok(response.into_inner().order.context("no order")?.order_id),
             Err(status) if status.code() == tonic::Code::NotFound => {
                 tokio::time::sleep(Duration::from_millis(100)).await;

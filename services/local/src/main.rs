@@ -55,7 +55,14 @@ struct Cli {
     metrics_addr: std::option::Option<SocketAddr>,
     #[command(flatten)]
     subscriber: SubscriberSettings,
+    #[command(flatten)]
+    auth: shop_server::auth::AuthSettings,
 }
+
+/// The shared secret of a local run when none is configured. It is public
+/// (it is in the source): a checkout reachable by others needs its own
+/// `AUTH_HS256_SECRET`, or an identity provider's keys.
+const LOCAL_SECRET: &str = "shop-local-development-secret-not-for-production";
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
@@ -63,18 +70,62 @@ enum Command {
     /// place a paid order, a declined one and one that runs out of stock,
     /// printing each order's saga.
     Demo,
+    /// Prints a token the local checkout accepts, as shell assignments.
+    Token {
+        #[command(subcommand)]
+        who: Who,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Who {
+    /// `CUSTOMER_ID=<new uuid>` and `CUSTOMER_TOKEN=<its token>`.
+    Customer,
+    /// `STAFF_TOKEN=<a token with the shop.staff scope>`.
+    Staff,
 }
 
 const SERVICES: [&str; 5] = ["order", "inventory", "payment", "notification", "user"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    let keys_given = cli.auth.auth_hs256_secret.is_some() || cli.auth.auth_jwks_file.is_some();
+    if !keys_given && !cli.auth.auth_disabled {
+        cli.auth.auth_hs256_secret = Some(LOCAL_SECRET.to_owned());
+    }
     let addr = |offset: u16| SocketAddr::new(cli.first_addr.ip(), cli.first_addr.port() + offset);
-    if let Some(Command::Demo) = cli.command {
-        return demo::run(addr(0), addr(1), addr(4), cli.decline_above_minor).await;
+    match &cli.command {
+        Some(Command::Demo) => {
+            return demo::run(
+                addr(0),
+                addr(1),
+                addr(4),
+                cli.decline_above_minor,
+                &cli.auth,
+            )
+            .await;
+        }
+        Some(Command::Token { who }) => {
+            let tokens = shop_server::auth::LocalTokens::new(&cli.auth)?;
+            match who {
+                Who::Customer => {
+                    let id = uuid::Uuid::now_v7();
+                    println!("CUSTOMER_ID={id}");
+                    println!("CUSTOMER_TOKEN={}", tokens.customer(id));
+                }
+                Who::Staff => println!("STAFF_TOKEN={}", tokens.staff("shop-local")),
+            }
+            return Ok(());
+        }
+        None => {}
     }
     let _telemetry = shop_server::telemetry::init("shop-local", false)?;
+    if !keys_given && !cli.auth.auth_disabled {
+        tracing::warn!(
+            "tokens are checked against shop-local's built-in development secret; `shop-local token customer|staff` prints tokens"
+        );
+    }
     if let Some(addr) = cli.metrics_addr {
         shop_server::metrics::install_exporter(addr)?;
     }
@@ -115,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: None,
         tls: Default::default(),
         drain: Default::default(),
+        auth: cli.auth.clone(),
         pool: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
@@ -128,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: None,
         tls: Default::default(),
         drain: Default::default(),
+        auth: cli.auth.clone(),
         pool: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
@@ -142,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: None,
         tls: Default::default(),
         drain: Default::default(),
+        auth: cli.auth.clone(),
         pool: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
@@ -155,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: None,
         tls: Default::default(),
         drain: Default::default(),
+        auth: cli.auth.clone(),
         pool: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),
@@ -168,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: None,
         tls: Default::default(),
         drain: Default::default(),
+        auth: cli.auth.clone(),
         pool: Default::default(),
         log_json: false,
         subscriber: cli.subscriber.clone(),

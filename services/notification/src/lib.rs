@@ -62,6 +62,8 @@ pub struct Settings {
     #[command(flatten)]
     pub drain: shop_server::grpc::DrainSettings,
     #[command(flatten)]
+    pub auth: shop_server::auth::AuthSettings,
+    #[command(flatten)]
     pub subscriber: SubscriberSettings,
 }
 
@@ -80,7 +82,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
         foundation.pool.clone(),
         Arc::new(channel::LogChannel),
     );
-    let api = NotificationServiceServer::new(grpc::Notifications::new(foundation.pool.clone()));
+    let auth = shop_server::auth::Authenticator::from_settings(&settings.auth)?;
+    let api = NotificationServiceServer::with_interceptor(
+        grpc::Notifications::new(foundation.pool.clone()),
+        auth,
+    );
     Ok(shop_server::Service::new(
         foundation.listener,
         &foundation.pool,

@@ -17,6 +17,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use shop_server::auth::Caller;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, FullOrder, OrderRow};
@@ -44,10 +45,23 @@ impl Orders {
     }
 
     async fn get(&self, id: Uuid) -> Result<FullOrder, ServiceError> {
-        db::load(&self.pool, id)
-            .await?
-            .ok_or_else(|| ServiceError::NotFound(format!("order {id} does not exist")))
+        db::load(&self.pool, id).await?.ok_or_else(|| not_found(id))
     }
+
+    /// The order, if `caller` may see it; another customer's order is
+    /// answered exactly like one that does not exist.
+    async fn get_for(&self, id: Uuid, caller: &Caller) -> Result<FullOrder, ServiceError> {
+        let full = self.get(id).await?;
+        if caller.may_act_for(full.order.customer_id) {
+            Ok(full)
+        } else {
+            Err(not_found(id))
+        }
+    }
+}
+
+fn not_found(id: Uuid) -> ServiceError {
+    ServiceError::NotFound(format!("order {id} does not exist"))
 }
 
 fn timestamp(at: chrono::DateTime<chrono::Utc>) -> Timestamp {
@@ -127,7 +141,9 @@ impl OrderService for Orders {
         &self,
         request: Request<PlaceOrderRequest>,
     ) -> Result<Response<PlaceOrderResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let new = NewOrder::parse(request.get_ref())?;
+        caller.require_acting_for(new.customer_id, "place orders")?;
         let fingerprint = new.fingerprint();
         let mut tx = self.pool.begin().await.map_err(ServiceError::from)?;
 
@@ -245,8 +261,9 @@ impl OrderService for Orders {
         &self,
         request: Request<GetOrderRequest>,
     ) -> Result<Response<GetOrderResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let id = validate::uuid("order_id", &request.get_ref().order_id)?;
-        let full = self.get(id).await?;
+        let full = self.get_for(id, &caller).await?;
         Ok(Response::new(GetOrderResponse {
             order: Some(order_message(&full)),
         }))
@@ -256,8 +273,10 @@ impl OrderService for Orders {
         &self,
         request: Request<ListOrdersRequest>,
     ) -> Result<Response<ListOrdersResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let customer = validate::uuid("customer_id", &request.customer_id)?;
+        caller.require_acting_for(customer, "list orders")?;
         let limit = validate::page_size("page_size", request.page_size, 20, 100)?;
         let offset = validate::page_token("page_token", &request.page_token)?;
         let orders = db::list_by_customer(&self.pool, customer, offset, limit)
@@ -274,12 +293,14 @@ impl OrderService for Orders {
         &self,
         request: Request<CancelOrderRequest>,
     ) -> Result<Response<CancelOrderResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let id = validate::uuid("order_id", &request.get_ref().order_id)?;
         let mut tx = self.pool.begin().await.map_err(ServiceError::from)?;
         let order = db::lock_order(&mut tx, id)
             .await
             .map_err(ServiceError::from)?
-            .ok_or_else(|| ServiceError::NotFound(format!("order {id} does not exist")))?;
+            .filter(|order| caller.may_act_for(order.customer_id))
+            .ok_or_else(|| not_found(id))?;
         if order.status != PENDING {
             return Err(ServiceError::FailedPrecondition(format!(
                 "order {id} is {} and can no longer be cancelled",
@@ -291,7 +312,10 @@ impl OrderService for Orders {
             &mut tx,
             id,
             events::CancelReason::CustomerRequest,
-            "cancelled by the customer",
+            match caller {
+                Caller::Staff(_) => "cancelled by staff",
+                _ => "cancelled by the customer",
+            },
             &EventContext::new_flow(id),
         )
         .await
@@ -309,9 +333,10 @@ impl OrderService for Orders {
         &self,
         request: Request<WatchOrderRequest>,
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        let caller = Caller::of(&request)?;
         let id = validate::uuid("order_id", &request.get_ref().order_id)?;
         let mut changes = self.changes.subscribe();
-        let first = self.get(id).await?;
+        let first = self.get_for(id, &caller).await?;
         let (sender, receiver) = tokio::sync::mpsc::channel(8);
         let pool = self.pool.clone();
         let stopping = self.stopping.clone();

@@ -64,6 +64,8 @@ pub struct Settings {
     #[command(flatten)]
     pub drain: shop_server::grpc::DrainSettings,
     #[command(flatten)]
+    pub auth: shop_server::auth::AuthSettings,
+    #[command(flatten)]
     pub subscriber: SubscriberSettings,
 }
 
@@ -80,11 +82,15 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     let subscribers = events::subscribers(settings.subscriber, foundation.pool.clone());
     // Open WatchOrder streams end when shutdown begins.
     let streams = tokio_util::sync::CancellationToken::new();
-    let api = OrderServiceServer::new(grpc::Orders::new(
-        foundation.pool.clone(),
-        watch::StatusChanges::start(foundation.pool.clone(), streams.clone()),
-        streams.clone(),
-    ));
+    let auth = shop_server::auth::Authenticator::from_settings(&settings.auth)?;
+    let api = OrderServiceServer::with_interceptor(
+        grpc::Orders::new(
+            foundation.pool.clone(),
+            watch::StatusChanges::start(foundation.pool.clone(), streams.clone()),
+            streams.clone(),
+        ),
+        auth,
+    );
     Ok(shop_server::Service::new(
         foundation.listener,
         &foundation.pool,

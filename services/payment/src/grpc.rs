@@ -5,6 +5,7 @@ use prost_types::Timestamp;
 use shop_proto::payment::v1::payment_service_server::PaymentService;
 use shop_proto::payment::v1::*;
 use shop_proto::types::v1::Money;
+use shop_server::auth::Caller;
 use shop_server::{ServiceError, validate};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
@@ -31,6 +32,7 @@ impl PaymentService for Payments {
         &self,
         request: Request<GetPaymentRequest>,
     ) -> Result<Response<GetPaymentResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let order_id = validate::uuid("order_id", &request.get_ref().order_id)?;
         let row: Option<PaymentRow> = sqlx::query_as(
             "SELECT id, order_id, customer_id, amount_minor, currency, status, failure_reason, processed_at \
@@ -49,8 +51,10 @@ impl PaymentService for Payments {
             status,
             failure_reason,
             processed_at,
-        ) =
-            row.ok_or_else(|| ServiceError::NotFound(format!("no payment for order {order_id}")))?;
+        ) = row
+            // Another customer's payment is answered like a missing one.
+            .filter(|row| caller.may_act_for(row.2))
+            .ok_or_else(|| ServiceError::NotFound(format!("no payment for order {order_id}")))?;
         let status = match status.as_str() {
             "SUCCEEDED" => PaymentStatus::Succeeded,
             "FAILED" => PaymentStatus::Failed,

@@ -65,6 +65,8 @@ pub struct Settings {
     #[command(flatten)]
     pub drain: shop_server::grpc::DrainSettings,
     #[command(flatten)]
+    pub auth: shop_server::auth::AuthSettings,
+    #[command(flatten)]
     pub subscriber: SubscriberSettings,
 }
 
@@ -85,7 +87,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
             settings.decline_above_minor,
         )),
     );
-    let api = PaymentServiceServer::new(grpc::Payments::new(foundation.pool.clone()));
+    let auth = shop_server::auth::Authenticator::from_settings(&settings.auth)?;
+    let api =
+        PaymentServiceServer::with_interceptor(grpc::Payments::new(foundation.pool.clone()), auth);
     Ok(shop_server::Service::new(
         foundation.listener,
         &foundation.pool,

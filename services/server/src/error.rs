@@ -35,6 +35,9 @@ pub enum ServiceError {
     /// The request is valid but not in the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A dependency (the database) cannot be reached now; trying again
     /// later may work. Logged in full, shown to clients generically.
     #[error("unavailable: {0:#}")]
@@ -104,6 +107,7 @@ impl From<ServiceError> for Status {
             ServiceError::NotFound(message) => Status::not_found(message),
             ServiceError::AlreadyExists(message) => Status::already_exists(message),
             ServiceError::FailedPrecondition(message) => Status::failed_precondition(message),
+            ServiceError::PermissionDenied(message) => Status::permission_denied(message),
             ServiceError::Unavailable(error) => {
                 tracing::warn!(error = format!("{error:#}"), "dependency unavailable");
                 Status::unavailable("the service cannot reach its database; try again")

@@ -7,6 +7,7 @@ use shop_proto::events::v1::UserRegistered;
 use shop_proto::types::v1::Money;
 use shop_proto::user::v1::user_service_server::UserService;
 use shop_proto::user::v1::*;
+use shop_server::auth::Caller;
 use shop_server::{ServiceError, validate};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
@@ -66,28 +67,54 @@ impl UserService for Users {
         &self,
         request: Request<RegisterUserRequest>,
     ) -> Result<Response<RegisterUserResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let name = validate::text("name", &request.name, 200)?;
         let email = email("email", &request.email)?;
-        let id = Uuid::now_v7();
+        // A customer registers itself: its user id is its token's subject.
+        // Without authentication (or for staff) a new id is made.
+        let id = match caller {
+            Caller::Customer(id) => id,
+            Caller::Anyone | Caller::Staff(_) => Uuid::now_v7(),
+        };
         let mut tx = self.pool.begin().await.map_err(ServiceError::from)?;
-        let inserted: Result<DateTime<Utc>, sqlx::Error> = sqlx::query_scalar(
-            "INSERT INTO users (id, name, email) VALUES ($1, $2, $3) RETURNING registered_at",
+        // E-mail addresses are contact details, not identities (the token's
+        // issuer owns those), so they need not be unique: registration never
+        // tells a caller whether an address is in use.
+        let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "INSERT INTO users (id, name, email) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO NOTHING RETURNING registered_at",
         )
         .bind(id)
         .bind(&name)
         .bind(&email)
-        .fetch_one(&mut *tx)
-        .await;
-        let registered_at = match inserted.map_err(ServiceError::from) {
-            Ok(at) => at,
-            Err(ServiceError::AlreadyExists(_)) => {
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(ServiceError::from)?;
+        let Some(registered_at) = inserted else {
+            // Registered before: the same registration again gets the same
+            // answer; a different one is refused (this says nothing about
+            // anyone but the caller).
+            let (known_name, known_email, at): (String, String, DateTime<Utc>) =
+                sqlx::query_as("SELECT name, email, registered_at FROM users WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(ServiceError::from)?;
+            if (known_name.as_str(), known_email.as_str()) != (name.as_str(), email.as_str()) {
                 return Err(ServiceError::AlreadyExists(format!(
-                    "a user with e-mail {email} exists"
+                    "user {id} is registered already, with other details"
                 ))
                 .into());
             }
-            Err(other) => return Err(other.into()),
+            return Ok(Response::new(RegisterUserResponse {
+                user: Some(User {
+                    user_id: id.to_string(),
+                    name,
+                    email,
+                    registered_at: Some(timestamp(at)),
+                }),
+            }));
         };
         let event = UserRegistered {
             user_id: id.to_string(),
@@ -118,7 +145,12 @@ impl UserService for Users {
         &self,
         request: Request<GetUserRequest>,
     ) -> Result<Response<GetUserResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let id = validate::uuid("user_id", &request.get_ref().user_id)?;
+        if !caller.may_act_for(id) {
+            // Another customer's profile is answered like a missing one.
+            return Err(ServiceError::NotFound(format!("user {id} does not exist")).into());
+        }
         let row: Option<(String, String, DateTime<Utc>)> =
             sqlx::query_as("SELECT name, email, registered_at FROM users WHERE id = $1")
                 .bind(id)
@@ -141,8 +173,12 @@ impl UserService for Users {
         &self,
         request: Request<GetPurchaseHistoryRequest>,
     ) -> Result<Response<GetPurchaseHistoryResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let id = validate::uuid("user_id", &request.user_id)?;
+        if !caller.may_act_for(id) {
+            return Err(ServiceError::NotFound(format!("user {id} does not exist")).into());
+        }
         let limit = validate::page_size("page_size", request.page_size, 20, 100)?;
         let offset = validate::page_token("page_token", &request.page_token)?;
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")

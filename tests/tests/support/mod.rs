@@ -42,11 +42,14 @@ pub struct System {
 }
 
 /// Which services to leave out, to hold the saga at a step.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Options {
     pub without_payment: bool,
     /// Inventory services on the one inventory database and queue (1 when 0).
     pub inventory_replicas: usize,
+    /// Services require tokens signed with this secret (HS256); without
+    /// one, authentication is off.
+    pub auth_secret: Option<String>,
 }
 
 impl System {
@@ -79,6 +82,10 @@ impl System {
                 broker.track(&format!("{queue}.retry.{n}"));
             }
         }
+        let auth = match &options.auth_secret {
+            Some(secret) => shop_server::auth::AuthSettings::shared_secret(secret),
+            None => shop_server::auth::AuthSettings::disabled(),
+        };
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let any: SocketAddr = "127.0.0.1:0".parse()?;
@@ -114,6 +121,7 @@ impl System {
             drain: shop_server::grpc::DrainSettings {
                 drain_timeout: Duration::from_secs(2),
             },
+            auth: auth.clone(),
             pool: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
@@ -132,6 +140,7 @@ impl System {
                 drain: shop_server::grpc::DrainSettings {
                     drain_timeout: Duration::from_secs(2),
                 },
+                auth: auth.clone(),
                 pool: Default::default(),
                 log_json: false,
                 subscriber: subscriber.clone(),
@@ -149,6 +158,7 @@ impl System {
             drain: shop_server::grpc::DrainSettings {
                 drain_timeout: Duration::from_secs(2),
             },
+            auth: auth.clone(),
             pool: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
@@ -166,6 +176,7 @@ impl System {
             drain: shop_server::grpc::DrainSettings {
                 drain_timeout: Duration::from_secs(2),
             },
+            auth: auth.clone(),
             pool: Default::default(),
             log_json: false,
             subscriber: subscriber.clone(),
@@ -183,6 +194,7 @@ impl System {
             drain: shop_server::grpc::DrainSettings {
                 drain_timeout: Duration::from_secs(2),
             },
+            auth: auth.clone(),
             pool: Default::default(),
             log_json: false,
             subscriber,

@@ -1,0 +1,440 @@
+//! Who is calling, and what they may do.
+//!
+//! Every public RPC carries `authorization: Bearer <JWT>`. The token is
+//! verified against the configured keys (a JWKS file for tokens signed by an
+//! identity provider, and/or a shared HS256 secret for local use), and its
+//! issuer, audience and expiry are checked; anything else is UNAUTHENTICATED
+//! with the reason. Health and reflection are not behind it.
+//!
+//! A verified token makes the caller either a customer — its subject is the
+//! customer's user id, and it may act only on its own orders, payments,
+//! notifications and profile — or staff, when its `scope` claim holds
+//! [`STAFF_SCOPE`]: staff manage the catalog and stock and may read any
+//! order. `--auth-disabled` turns all of this off for local demos: every
+//! caller is then [`Caller::Anyone`], allowed everything, and the service
+//! says so loudly at start-up.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::ArgAction;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Status};
+use uuid::Uuid;
+
+use crate::ServiceError;
+
+/// The scope that makes a token's holder staff.
+pub const STAFF_SCOPE: &str = "shop.staff";
+
+/// How long a token may be past its expiry and still be accepted (clock
+/// skew between the issuer and the services).
+const LEEWAY: Duration = Duration::from_secs(30);
+
+/// Authentication settings every service shares.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AuthSettings {
+    /// JSON Web Key Set (a file) with the public keys tokens may be signed
+    /// with (RS256, ES256, EdDSA, …), as an identity provider publishes it.
+    #[arg(long, env = "AUTH_JWKS_FILE")]
+    pub auth_jwks_file: Option<PathBuf>,
+    /// Shared secret of HS256 tokens, for local use.
+    #[arg(long, env = "AUTH_HS256_SECRET", hide_env_values = true)]
+    pub auth_hs256_secret: Option<String>,
+    /// The issuer (`iss`) tokens must name.
+    #[arg(long, env = "AUTH_ISSUER", default_value = "shop")]
+    pub auth_issuer: String,
+    /// The audience (`aud`) tokens must name.
+    #[arg(long, env = "AUTH_AUDIENCE", default_value = "shop")]
+    pub auth_audience: String,
+    /// Accept every call without a token, as staff. Only for local demos.
+    #[arg(long, env = "AUTH_DISABLED", default_value_t = false, action = ArgAction::Set)]
+    pub auth_disabled: bool,
+}
+
+impl AuthSettings {
+    /// No authentication: for tests and demos of other things.
+    pub fn disabled() -> Self {
+        Self {
+            auth_disabled: true,
+            ..Self::default()
+        }
+    }
+
+    /// HS256 tokens signed with `secret`, issuer and audience `shop`.
+    pub fn shared_secret(secret: &str) -> Self {
+        Self {
+            auth_hs256_secret: Some(secret.to_owned()),
+            auth_issuer: "shop".into(),
+            auth_audience: "shop".into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// Who is calling, as established by [`Authenticator`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Authentication is off: anyone may do anything.
+    Anyone,
+    /// A customer: the token's subject is the customer's user id.
+    Customer(Uuid),
+    /// Staff, named by the token's subject.
+    Staff(String),
+}
+
+impl Caller {
+    /// The caller of a request the [`Authenticator`] let through.
+    pub fn of<T>(request: &Request<T>) -> Result<Self, Status> {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no verified caller"))
+    }
+
+    /// Whether the caller may act on `customer`'s behalf (read or change
+    /// what belongs to that customer).
+    pub fn may_act_for(&self, customer: Uuid) -> bool {
+        match self {
+            Caller::Anyone | Caller::Staff(_) => true,
+            Caller::Customer(id) => *id == customer,
+        }
+    }
+
+    /// Whether the caller is staff (or authentication is off).
+    pub fn is_staff(&self) -> bool {
+        matches!(self, Caller::Anyone | Caller::Staff(_))
+    }
+
+    /// PERMISSION_DENIED unless the caller is staff.
+    pub fn require_staff(&self) -> Result<(), ServiceError> {
+        if self.is_staff() {
+            Ok(())
+        } else {
+            Err(ServiceError::PermissionDenied(format!(
+                "this call needs a token with the {STAFF_SCOPE} scope"
+            )))
+        }
+    }
+
+    /// PERMISSION_DENIED unless the caller may act for `customer`.
+    pub fn require_acting_for(&self, customer: Uuid, what: &str) -> Result<(), ServiceError> {
+        if self.may_act_for(customer) {
+            Ok(())
+        } else {
+            Err(ServiceError::PermissionDenied(format!(
+                "a customer may {what} only for itself"
+            )))
+        }
+    }
+}
+
+/// The claims this system reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// Subject: a customer's user id, or a staff member's name.
+    pub sub: String,
+    /// Issuer.
+    pub iss: String,
+    /// Audience.
+    pub aud: String,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Space-separated scopes.
+    #[serde(default)]
+    pub scope: String,
+}
+
+/// Verifies bearer tokens; a tonic interceptor for every public service.
+#[derive(Debug, Clone)]
+pub struct Authenticator {
+    inner: Option<Arc<Keys>>,
+}
+
+#[derive(Debug)]
+struct Keys {
+    secret: Option<DecodingKey>,
+    jwks: JwkSet,
+    issuer: String,
+    audience: String,
+}
+
+impl Authenticator {
+    /// Builds the authenticator `settings` describe; reads the JWKS file
+    /// now, so a bad path or file stops the service at start-up.
+    pub fn from_settings(settings: &AuthSettings) -> anyhow::Result<Self> {
+        if settings.auth_disabled {
+            tracing::warn!(
+                "AUTHENTICATION IS OFF (--auth-disabled): every caller may do anything; use this only for local demos"
+            );
+            return Ok(Self { inner: None });
+        }
+        let jwks = match &settings.auth_jwks_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("failed to read {}", path.display()))?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a JSON Web Key Set", path.display()))?
+            }
+            None => JwkSet { keys: Vec::new() },
+        };
+        let secret = settings
+            .auth_hs256_secret
+            .as_deref()
+            .filter(|secret| !secret.is_empty());
+        anyhow::ensure!(
+            secret.is_some() || !jwks.keys.is_empty(),
+            "no keys to verify tokens with: set --auth-jwks-file or --auth-hs256-secret \
+             (or --auth-disabled true for a local demo)"
+        );
+        if let Some(secret) = secret {
+            anyhow::ensure!(
+                secret.len() >= 32,
+                "--auth-hs256-secret must be at least 32 bytes"
+            );
+        }
+        Ok(Self {
+            inner: Some(Arc::new(Keys {
+                secret: secret.map(|secret| DecodingKey::from_secret(secret.as_bytes())),
+                jwks,
+                issuer: settings.auth_issuer.clone(),
+                audience: settings.auth_audience.clone(),
+            })),
+        })
+    }
+
+    /// Establishes the caller of a request with `authorization` metadata.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, Status> {
+        let Some(keys) = &self.inner else {
+            return Ok(Caller::Anyone);
+        };
+        let token = authorization
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+            })?
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?
+            .trim();
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| Status::unauthenticated("the bearer token is not a JWT"))?;
+        let key = keys.key_for(&header)?;
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&keys.issuer]);
+        validation.set_audience(&[&keys.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = LEEWAY.as_secs();
+        let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            .map_err(|error| Status::unauthenticated(rejection(error.kind())))?
+            .claims;
+        let scopes: HashSet<&str> = claims.scope.split_whitespace().collect();
+        if scopes.contains(STAFF_SCOPE) {
+            return Ok(Caller::Staff(claims.sub));
+        }
+        Uuid::parse_str(&claims.sub)
+            .map(Caller::Customer)
+            .map_err(|_| Status::unauthenticated("the token's subject is not a customer id"))
+    }
+}
+
+impl Keys {
+    fn key_for(&self, header: &Header) -> Result<DecodingKey, Status> {
+        match header.alg {
+            Algorithm::HS256 => self.secret.clone().ok_or_else(|| {
+                Status::unauthenticated("HS256 tokens are not accepted by this service")
+            }),
+            Algorithm::HS384 | Algorithm::HS512 => Err(Status::unauthenticated(
+                "only HS256 is accepted among shared-secret algorithms",
+            )),
+            _ => {
+                let jwk = match &header.kid {
+                    Some(kid) => self.jwks.find(kid),
+                    None if self.jwks.keys.len() == 1 => self.jwks.keys.first(),
+                    None => None,
+                }
+                .ok_or_else(|| Status::unauthenticated("the token's signing key is not known"))?;
+                DecodingKey::from_jwk(jwk)
+                    .map_err(|_| Status::unauthenticated("the token's signing key is not usable"))
+            }
+        }
+    }
+}
+
+/// What a client is told when its token is refused.
+fn rejection(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::ExpiredSignature => "the token has expired",
+        ErrorKind::ImmatureSignature => "the token is not valid yet",
+        ErrorKind::InvalidIssuer => "the token's issuer is not accepted",
+        ErrorKind::InvalidAudience => "the token's audience is not accepted",
+        ErrorKind::InvalidSignature => "the token's signature does not verify",
+        ErrorKind::MissingRequiredClaim(_) => {
+            "the token lacks a required claim (exp, iss, aud, sub)"
+        }
+        ErrorKind::InvalidAlgorithm => "the token's algorithm does not match its key",
+        _ => "the bearer token is not valid",
+    }
+}
+
+impl tonic::service::Interceptor for Authenticator {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok());
+        let caller = self.authenticate(authorization)?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+/// Issues HS256 tokens with a shared secret: for `shop-local`, its demo and
+/// tests. Real deployments get tokens from their identity provider.
+#[derive(Clone)]
+pub struct LocalTokens {
+    key: EncodingKey,
+    issuer: String,
+    audience: String,
+}
+
+impl std::fmt::Debug for LocalTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalTokens")
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalTokens {
+    /// Tokens the services configured with `settings`' secret accept.
+    pub fn new(settings: &AuthSettings) -> anyhow::Result<Self> {
+        let secret = settings
+            .auth_hs256_secret
+            .as_deref()
+            .context("local tokens need --auth-hs256-secret")?;
+        Ok(Self {
+            key: EncodingKey::from_secret(secret.as_bytes()),
+            issuer: settings.auth_issuer.clone(),
+            audience: settings.auth_audience.clone(),
+        })
+    }
+
+    /// A token for `subject` with `scope`, valid for `ttl`.
+    pub fn token(&self, subject: &str, scope: &str, ttl: Duration) -> String {
+        self.token_until(
+            subject,
+            scope,
+            jsonwebtoken::get_current_timestamp() + ttl.as_secs(),
+        )
+    }
+
+    /// A token for `subject` with `scope` that expires at `exp` (seconds
+    /// since the epoch; a past time makes an expired token).
+    pub fn token_until(&self, subject: &str, scope: &str, exp: u64) -> String {
+        let claims = Claims {
+            sub: subject.to_owned(),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            exp,
+            scope: scope.to_owned(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
+            .expect("HS256 signing does not fail")
+    }
+
+    /// A day-long token of the customer with user id `customer`.
+    pub fn customer(&self, customer: Uuid) -> String {
+        self.token(&customer.to_string(), "", Duration::from_secs(86_400))
+    }
+
+    /// A day-long staff token.
+    pub fn staff(&self, name: &str) -> String {
+        self.token(name, STAFF_SCOPE, Duration::from_secs(86_400))
+    }
+}
+
+/// A random secret for a local run, 32 bytes as hex.
+pub fn random_secret() -> String {
+    format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> AuthSettings {
+        AuthSettings::shared_secret("0123456789abcdef0123456789abcdef")
+    }
+
+    fn bearer(token: &str) -> String {
+        format!("Bearer {token}")
+    }
+
+    #[test]
+    fn customers_staff_and_bad_tokens_are_told_apart() {
+        let auth = Authenticator::from_settings(&settings()).unwrap();
+        let tokens = LocalTokens::new(&settings()).unwrap();
+        let id = Uuid::now_v7();
+        assert_eq!(
+            auth.authenticate(Some(&bearer(&tokens.customer(id))))
+                .unwrap(),
+            Caller::Customer(id)
+        );
+        assert_eq!(
+            auth.authenticate(Some(&bearer(&tokens.staff("ops"))))
+                .unwrap(),
+            Caller::Staff("ops".into())
+        );
+        let refused =
+            |header: Option<&str>| auth.authenticate(header).unwrap_err().message().to_owned();
+        assert!(refused(None).contains("missing"));
+        assert!(refused(Some("Basic abc")).contains("Bearer"));
+        assert!(refused(Some("Bearer abc")).contains("not a JWT"));
+        let expired = tokens.token(&id.to_string(), "", Duration::ZERO);
+        // Past the leeway only: craft one that expired an hour ago.
+        let mut claims = Claims {
+            sub: id.to_string(),
+            iss: "shop".into(),
+            aud: "shop".into(),
+            exp: jsonwebtoken::get_current_timestamp() - 3600,
+            scope: String::new(),
+        };
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let old = jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap();
+        assert!(refused(Some(&bearer(&old))).contains("expired"));
+        assert!(
+            auth.authenticate(Some(&bearer(&expired))).is_ok(),
+            "within the leeway"
+        );
+        claims.exp = jsonwebtoken::get_current_timestamp() + 3600;
+        claims.iss = "elsewhere".into();
+        let foreign = jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap();
+        assert!(refused(Some(&bearer(&foreign))).contains("issuer"));
+        claims.iss = "shop".into();
+        let forged = jsonwebtoken::encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"another secret of at least 32 bytes!"),
+        )
+        .unwrap();
+        assert!(refused(Some(&bearer(&forged))).contains("signature"));
+        claims.sub = "not-a-uuid".into();
+        let odd = jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap();
+        assert!(refused(Some(&bearer(&odd))).contains("customer id"));
+    }
+
+    #[test]
+    fn a_service_without_keys_does_not_start_unless_auth_is_off() {
+        assert!(Authenticator::from_settings(&AuthSettings::default()).is_err());
+        let short = AuthSettings::shared_secret("short");
+        assert!(Authenticator::from_settings(&short).is_err());
+        let off = Authenticator::from_settings(&AuthSettings::disabled()).unwrap();
+        assert_eq!(off.authenticate(None).unwrap(), Caller::Anyone);
+    }
+}
