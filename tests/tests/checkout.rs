@@ -517,6 +517,62 @@ async fn bad_requests_are_rejected_naming_the_field_and_write_nothing() -> Resul
         "sku"
     );
 
+    // Three capital letters are not enough: the code must be ISO 4217's.
+    let status = system
+        .inventory
+        .clone()
+        .create_product(CreateProductRequest {
+            sku: "PLAY-MONEY".into(),
+            name: "x".into(),
+            unit_price: Some(Money {
+                amount_minor: 100,
+                currency: "ABC".into(),
+            }),
+            initial_stock: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "unit_price.currency"
+    );
+    // A request larger than any valid one is refused before it is read.
+    let status = system
+        .inventory
+        .clone()
+        .create_product(CreateProductRequest {
+            sku: "HUGE".into(),
+            name: "x".repeat(2 * 1024 * 1024),
+            unit_price: eur(1),
+            initial_stock: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // A key of spaces is no key.
+    let any_product = uuid::Uuid::new_v4().to_string();
+    let status = order
+        .place_order(PlaceOrderRequest {
+            idempotency_key: "   ".into(),
+            ..request(&customer, &[(&any_product, 1)], "unused")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "idempotency_key"
+    );
+
     let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
         .fetch_one(&system.order_db.pool)
         .await?;

@@ -79,8 +79,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     .await?;
     let subscriber = events::subscriber(settings.subscriber, foundation.pool.clone());
     let auth = shop_server::auth::Authenticator::from_settings(&settings.auth)?;
-    let api = InventoryServiceServer::with_interceptor(
-        grpc::Inventory::new(foundation.pool.clone()),
+    let api = tonic::service::interceptor::InterceptedService::new(
+        InventoryServiceServer::new(grpc::Inventory::new(foundation.pool.clone()))
+            .max_decoding_message_size(shop_server::grpc::MAX_REQUEST_BYTES),
         auth,
     );
     Ok(shop_server::Service::new(

@@ -83,8 +83,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
         Arc::new(channel::LogChannel),
     );
     let auth = shop_server::auth::Authenticator::from_settings(&settings.auth)?;
-    let api = NotificationServiceServer::with_interceptor(
-        grpc::Notifications::new(foundation.pool.clone()),
+    let api = tonic::service::interceptor::InterceptedService::new(
+        NotificationServiceServer::new(grpc::Notifications::new(foundation.pool.clone()))
+            .max_decoding_message_size(shop_server::grpc::MAX_REQUEST_BYTES),
         auth,
     );
     Ok(shop_server::Service::new(

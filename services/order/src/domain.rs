@@ -62,10 +62,10 @@ impl NewOrder {
             lines.push((product, line.quantity));
         }
         let key = request.idempotency_key.as_str();
-        if key.is_empty() || key.chars().count() > 100 {
+        if key.trim().is_empty() || key.chars().count() > 100 {
             return Err(ServiceError::invalid(
                 "idempotency_key",
-                "must be 1 to 100 characters",
+                "must be 1 to 100 characters, not all of them spaces",
             ));
         }
         Ok(Self {
@@ -77,8 +77,10 @@ impl NewOrder {
 
     /// Identifies the request's content, to tell a retry from a different
     /// order sent with the same idempotency key.
+    /// The same lines in another order are the same request.
     pub fn fingerprint(&self) -> String {
-        let lines: Vec<String> = self.lines.iter().map(|(p, q)| format!("{p}x{q}")).collect();
+        let mut lines: Vec<String> = self.lines.iter().map(|(p, q)| format!("{p}x{q}")).collect();
+        lines.sort();
         format!("{}:{}", self.customer_id, lines.join(","))
     }
 }
@@ -182,6 +184,25 @@ mod tests {
             field_of(NewOrder::parse(&no_key).unwrap_err()),
             "idempotency_key"
         );
+        let mut blank_key = request(vec![(&p, 1)]);
+        blank_key.idempotency_key = " \t ".into();
+        assert_eq!(
+            field_of(NewOrder::parse(&blank_key).unwrap_err()),
+            "idempotency_key"
+        );
+    }
+
+    #[test]
+    fn the_same_lines_in_another_order_are_the_same_request() {
+        let (a, b) = (
+            Uuid::from_u128(1).to_string(),
+            Uuid::from_u128(2).to_string(),
+        );
+        let one = NewOrder::parse(&request(vec![(&a, 1), (&b, 2)])).unwrap();
+        let other = NewOrder::parse(&request(vec![(&b, 2), (&a, 1)])).unwrap();
+        assert_eq!(one.fingerprint(), other.fingerprint());
+        let different = NewOrder::parse(&request(vec![(&b, 1), (&a, 2)])).unwrap();
+        assert_ne!(one.fingerprint(), different.fingerprint());
     }
 
     #[test]

@@ -83,12 +83,13 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     // Open WatchOrder streams end when shutdown begins.
     let streams = tokio_util::sync::CancellationToken::new();
     let auth = shop_server::auth::Authenticator::from_settings(&settings.auth)?;
-    let api = OrderServiceServer::with_interceptor(
-        grpc::Orders::new(
+    let api = tonic::service::interceptor::InterceptedService::new(
+        OrderServiceServer::new(grpc::Orders::new(
             foundation.pool.clone(),
             watch::StatusChanges::start(foundation.pool.clone(), streams.clone()),
             streams.clone(),
-        ),
+        ))
+        .max_decoding_message_size(shop_server::grpc::MAX_REQUEST_BYTES),
         auth,
     );
     Ok(shop_server::Service::new(

@@ -88,8 +88,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
         )),
     );
     let auth = shop_server::auth::Authenticator::from_settings(&settings.auth)?;
-    let api =
-        PaymentServiceServer::with_interceptor(grpc::Payments::new(foundation.pool.clone()), auth);
+    let api = tonic::service::interceptor::InterceptedService::new(
+        PaymentServiceServer::new(grpc::Payments::new(foundation.pool.clone()))
+            .max_decoding_message_size(shop_server::grpc::MAX_REQUEST_BYTES),
+        auth,
+    );
     Ok(shop_server::Service::new(
         foundation.listener,
         &foundation.pool,

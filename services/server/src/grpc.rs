@@ -98,6 +98,15 @@ pub struct Dependencies {
     pub subscribers: Vec<tokio::sync::watch::Receiver<bool>>,
 }
 
+/// Largest request message a server accepts (decoded). The biggest valid
+/// request, an order of 100 lines, is a few kilobytes.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Most calls one client connection may have open at once.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// HTTP/2 pings on idle connections, so a peer that vanished is noticed
+/// and its streams end.
+const HTTP2_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
+
 /// How often dependencies are checked, and how long a check may take.
 const DEPENDENCY_CHECK: Duration = Duration::from_secs(1);
 const DEPENDENCY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -323,6 +332,9 @@ pub async fn serve(
             .context("the TLS certificate or key is not valid")?;
     }
     let served = server
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE.0))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE.1))
         .trace_fn(request_span)
         .layer(crate::metrics::GrpcMetricsLayer::new(known_methods(
             service_names,

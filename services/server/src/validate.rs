@@ -27,15 +27,20 @@ pub fn text(field: &str, value: &str, max: usize) -> Result<String, ServiceError
     Ok(trimmed.to_owned())
 }
 
-/// An ISO 4217 alphabetic currency code.
+/// Largest amount of money a request may name, in minor units: with at
+/// most 100 lines of at most 1,000 units each, no order total can then
+/// leave the 64-bit range.
+pub const MAX_AMOUNT_MINOR: i64 = 10_000_000_000_000;
+
+/// A current ISO 4217 alphabetic currency code (not the special X codes
+/// such as XXX "no currency" or XTS "testing").
 pub fn currency(field: &str, value: &str) -> Result<String, ServiceError> {
-    if value.len() == 3 && value.bytes().all(|b| b.is_ascii_uppercase()) {
-        Ok(value.to_owned())
-    } else {
-        Err(ServiceError::invalid(
+    match iso_currency::Currency::from_code(value) {
+        Some(code) if !code.is_special() => Ok(value.to_owned()),
+        _ => Err(ServiceError::invalid(
             field,
-            "must be an ISO 4217 code such as EUR",
-        ))
+            "must be an ISO 4217 currency code such as EUR",
+        )),
     }
 }
 
@@ -45,10 +50,10 @@ pub fn money(
     value: Option<&shop_proto::types::v1::Money>,
 ) -> Result<(i64, String), ServiceError> {
     let money = value.ok_or_else(|| ServiceError::invalid(field, "is required"))?;
-    if money.amount_minor < 0 {
+    if !(0..=MAX_AMOUNT_MINOR).contains(&money.amount_minor) {
         return Err(ServiceError::invalid(
             format!("{field}.amount_minor"),
-            "must not be negative",
+            format!("must be between 0 and {MAX_AMOUNT_MINOR}"),
         ));
     }
     let currency = currency(&format!("{field}.currency"), &money.currency)?;
@@ -91,6 +96,29 @@ pub fn next_page_token(offset: i64, page_size: i64, returned: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn currencies_come_from_the_iso_4217_list() {
+        assert_eq!(currency("c", "EUR").unwrap(), "EUR");
+        assert_eq!(currency("c", "JPY").unwrap(), "JPY");
+        for bad in ["ABC", "QQQ", "eur", "EURO", "", "XXX", "XTS"] {
+            assert!(currency("c", bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn amounts_stay_within_what_totals_can_hold() {
+        let money = |amount_minor| shop_proto::types::v1::Money {
+            amount_minor,
+            currency: "EUR".into(),
+        };
+        assert!(super::money("p", Some(&money(MAX_AMOUNT_MINOR))).is_ok());
+        assert!(super::money("p", Some(&money(MAX_AMOUNT_MINOR + 1))).is_err());
+        assert!(super::money("p", Some(&money(i64::MAX))).is_err());
+        assert!(super::money("p", Some(&money(-1))).is_err());
+        // The largest order the rules allow still fits.
+        assert!(MAX_AMOUNT_MINOR.checked_mul(100 * 1000).is_some());
+    }
     use super::*;
 
     #[test]

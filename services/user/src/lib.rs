@@ -74,7 +74,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     .await?;
     let subscriber = events::subscriber(settings.subscriber, foundation.pool.clone());
     let auth = shop_server::auth::Authenticator::from_settings(&settings.auth)?;
-    let api = UserServiceServer::with_interceptor(grpc::Users::new(foundation.pool.clone()), auth);
+    let api = tonic::service::interceptor::InterceptedService::new(
+        UserServiceServer::new(grpc::Users::new(foundation.pool.clone()))
+            .max_decoding_message_size(shop_server::grpc::MAX_REQUEST_BYTES),
+        auth,
+    );
     Ok(shop_server::Service::new(
         foundation.listener,
         &foundation.pool,
