@@ -861,3 +861,113 @@ async fn shutdown_ends_open_streams_and_a_call_that_never_ends_waits_only_for_th
     drop(requests);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_payment_made_for_an_order_cancelled_meanwhile_is_refunded_and_the_customer_told()
+-> Result<()> {
+    // The payment service is down while the customer cancels, so the charge
+    // is made after the cancellation and must be given back.
+    let mut system = System::start_with(Options {
+        without_payment: true,
+        ..Options::default()
+    })
+    .await?;
+    let customer = register(&system, "regret@example.com").await?;
+    let desk = product(&system, "DESK", 20000, 3).await?;
+    let order = place(&system, request(&customer, &[(&desk, 1)], "regret-1")).await?;
+    wait_for_stock(&system, &desk, 3, 1).await?;
+    eventually(
+        TIMEOUT,
+        "InventoryReserved to reach the payment queue",
+        || async {
+            let published: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM outbox \
+             WHERE event_type = 'shop.events.v1.InventoryReserved' AND published_at IS NOT NULL)",
+            )
+            .fetch_one(&system.inventory_db.pool)
+            .await?;
+            Ok(published.then_some(()))
+        },
+    )
+    .await?;
+    system
+        .order
+        .clone()
+        .cancel_order(CancelOrderRequest {
+            order_id: order.order_id.clone(),
+        })
+        .await?;
+    wait_for_stock(&system, &desk, 3, 0).await?;
+
+    system.start_payment().await?;
+    let payment = eventually(TIMEOUT, "the payment to be refunded", || {
+        let mut client = system.payment.clone();
+        let order_id = order.order_id.clone();
+        async move {
+            match client.get_payment(GetPaymentRequest { order_id }).await {
+                Ok(response) => {
+                    let payment = response.into_inner().payment.unwrap();
+                    Ok((payment.status() == PaymentStatus::Refunded).then_some(payment))
+                }
+                Err(status) if status.code() == Code::NotFound => Ok(None),
+                Err(status) => Err(status.into()),
+            }
+        }
+    })
+    .await?;
+    assert_eq!(payment.amount, eur(20000));
+
+    let told = eventually(TIMEOUT, "the refund notification", || async {
+        let bodies = notifications_for(&system, &order.order_id).await?;
+        Ok(bodies.into_iter().find(|body| body.contains("refunded")))
+    })
+    .await?;
+    assert!(told.contains("200.00 EUR"), "{told}");
+    let history = eventually(TIMEOUT, "the refund in the order's history", || {
+        let mut client = system.order.clone();
+        let order_id = order.order_id.clone();
+        async move {
+            let order = client
+                .get_order(GetOrderRequest { order_id })
+                .await?
+                .into_inner()
+                .order
+                .unwrap();
+            let refunded = order
+                .history
+                .iter()
+                .any(|step| step.event_type == "shop.events.v1.PaymentRefunded");
+            Ok(refunded.then_some(order))
+        }
+    })
+    .await?;
+    assert_eq!(history.status(), OrderStatus::Cancelled);
+    assert_eq!(stock(&system, &desk).await?.reserved, 0);
+    system.stop().await
+}
+
+#[tokio::test]
+async fn an_order_whose_saga_never_finishes_is_cancelled_and_its_stock_released() -> Result<()> {
+    // Without the payment service the saga stops after the reservation.
+    let system = System::start_with(Options {
+        without_payment: true,
+        saga_timeout: Some(Duration::from_secs(2)),
+        ..Options::default()
+    })
+    .await?;
+    let customer = register(&system, "patient@example.com").await?;
+    let clock = product(&system, "CLOCK", 4500, 2).await?;
+    let order = place(&system, request(&customer, &[(&clock, 2)], "stuck-1")).await?;
+    wait_for_stock(&system, &clock, 2, 2).await?;
+
+    let cancelled = wait_for(&system, &order.order_id, OrderStatus::Cancelled).await?;
+    assert!(
+        cancelled.cancel_reason.contains("did not finish within 2s"),
+        "{}",
+        cancelled.cancel_reason
+    );
+    wait_for_stock(&system, &clock, 2, 0).await?;
+    let told = notifications_for(&system, &order.order_id).await?;
+    assert!(told[0].contains("was cancelled"), "{told:?}");
+    system.stop().await
+}

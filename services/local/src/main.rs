@@ -161,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
     let mut table = Vec::new();
 
     let order = order_service::build(order_service::Settings {
+        saga_timeout: std::time::Duration::from_secs(15 * 60),
         grpc_addr: addr(0),
         database_url: urls[0].clone(),
         metrics_addr: None,

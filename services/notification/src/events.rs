@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use shop_outbox::Aggregate;
-use shop_proto::events::v1::{NotificationSent, OrderCancelled, OrderConfirmed};
+use shop_proto::events::v1::{NotificationSent, OrderCancelled, OrderConfirmed, PaymentRefunded};
 use shop_subscriber::{
     EventHandler, HandlerError, HandlerTx, Metadata, Subscriber, SubscriberSettings,
 };
@@ -22,7 +22,8 @@ pub fn subscriber(
     let notifier = Notifier { channel };
     Subscriber::builder(crate::CONSUMER, "notification.events", settings)
         .on::<OrderConfirmed, _>(notifier.clone())
-        .on::<OrderCancelled, _>(notifier)
+        .on::<OrderCancelled, _>(notifier.clone())
+        .on::<PaymentRefunded, _>(notifier)
         .build(pool)
 }
 
@@ -139,6 +140,31 @@ impl EventHandler<OrderCancelled> for Notifier {
             &event.order_id,
             &event.customer_id,
             "cancelled",
+            body,
+        )
+        .await
+    }
+}
+
+impl EventHandler<PaymentRefunded> for Notifier {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: PaymentRefunded,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let body = format!(
+            "Your payment of {} for order {} was refunded: {}.",
+            amount(event.amount.as_ref()),
+            event.order_id,
+            event.reason
+        );
+        self.notify(
+            tx,
+            meta,
+            &event.order_id,
+            &event.customer_id,
+            "refunded",
             body,
         )
         .await

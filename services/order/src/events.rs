@@ -6,7 +6,7 @@ use shop_outbox::{Aggregate, EventContext};
 use shop_proto::events::v1::{
     CancelReason, InventoryCommitted, InventoryReleased, InventoryReservationFailed,
     InventoryReserved, NotificationSent, OrderCancelled, OrderConfirmed, OrderLine, PaymentFailed,
-    PaymentSucceeded, ProductCreated, ProductPriceChanged, UserRegistered,
+    PaymentRefunded, PaymentSucceeded, ProductCreated, ProductPriceChanged, UserRegistered,
 };
 use shop_proto::types::v1::Money;
 use shop_subscriber::{
@@ -45,6 +45,7 @@ pub fn subscribers(settings: SubscriberSettings, pool: PgPool) -> [Subscriber; 2
         .on::<InventoryReleased, _>(Saga)
         .on::<InventoryCommitted, _>(Saga)
         .on::<NotificationSent, _>(Saga)
+        .on::<PaymentRefunded, _>(Saga)
         .build(pool);
     [verdicts, history]
 }
@@ -367,5 +368,18 @@ impl EventHandler<NotificationSent> for Saga {
     ) -> Result<(), HandlerError> {
         let detail = format!("customer notified by {}", event.channel);
         history(tx, &event.order_id, meta, &detail).await.map(drop)
+    }
+}
+
+impl EventHandler<PaymentRefunded> for Saga {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: PaymentRefunded,
+        meta: &Metadata,
+    ) -> Result<(), HandlerError> {
+        history(tx, &event.order_id, meta, "payment refunded")
+            .await
+            .map(drop)
     }
 }

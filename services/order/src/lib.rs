@@ -6,12 +6,14 @@
 //!   verdicts (PaymentSucceeded → CONFIRMED; PaymentFailed or
 //!   InventoryReservationFailed → CANCELLED);
 //! - [`domain`]: request checks and pricing; [`db`]: the SQL;
-//! - [`watch`]: fan-out of status changes to `WatchOrder` streams.
+//! - [`watch`]: fan-out of status changes to `WatchOrder` streams;
+//! - [`timeouts`]: cancels orders whose saga did not finish in time.
 
 pub mod db;
 pub mod domain;
 pub mod events;
 pub mod grpc;
+pub mod timeouts;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -57,6 +59,10 @@ pub struct Settings {
     /// Log as JSON lines.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+    /// An order still PENDING this long after it was placed is cancelled
+    /// (and compensated): no order waits forever with stock reserved.
+    #[arg(long, env = "ORDER_SAGA_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub saga_timeout: std::time::Duration,
     #[command(flatten)]
     pub pool: shop_server::database::PoolSettings,
     #[command(flatten)]
@@ -80,6 +86,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     )
     .await?;
     let subscribers = events::subscribers(settings.subscriber, foundation.pool.clone());
+    let pool = foundation.pool.clone();
     // Open WatchOrder streams end when shutdown begins.
     let streams = tokio_util::sync::CancellationToken::new();
     let auth = shop_server::auth::Authenticator::from_settings(&settings.auth)?;
@@ -101,5 +108,6 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     )
     .await?
     .with_tls(&settings.tls)?
-    .with_drain(&settings.drain, streams))
+    .with_drain(&settings.drain, streams)
+    .with_background(move |stop| timeouts::run(pool, settings.saga_timeout, stop)))
 }

@@ -58,6 +58,7 @@ impl PaymentService for Payments {
         let status = match status.as_str() {
             "SUCCEEDED" => PaymentStatus::Succeeded,
             "FAILED" => PaymentStatus::Failed,
+            "REFUNDED" => PaymentStatus::Refunded,
             _ => PaymentStatus::Unspecified,
         };
         Ok(Response::new(GetPaymentResponse {

@@ -17,6 +17,10 @@ pub enum Charge {
 pub trait PaymentProvider: Send + Sync + std::fmt::Debug + 'static {
     /// Charges `amount_minor` of `currency` for `order_id`.
     fn charge(&self, order_id: Uuid, amount_minor: i64, currency: &str) -> Charge;
+
+    /// Refunds the charge of `order_id` in full. An error is worth retrying;
+    /// a second refund of one order refunds nothing more.
+    fn refund(&self, order_id: Uuid, amount_minor: i64, currency: &str) -> anyhow::Result<()>;
 }
 
 /// Approves every charge up to a limit and declines the rest, so a large
@@ -46,6 +50,10 @@ impl PaymentProvider for SimulatedProvider {
         } else {
             Charge::Approved
         }
+    }
+
+    fn refund(&self, _order_id: Uuid, _amount_minor: i64, _currency: &str) -> anyhow::Result<()> {
+        Ok(())
     }
 }
 

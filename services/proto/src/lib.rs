@@ -80,6 +80,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "shop.events.v1.OrderConfirmed",
     "shop.events.v1.OrderCancelled",
     "shop.events.v1.NotificationSent",
+    "shop.events.v1.PaymentRefunded",
 ];
 
 /// The request paths (`/package.Service/Method`) of every method of the

@@ -42,6 +42,18 @@ pub struct Service {
     name: &'static str,
     subscribers: Vec<Subscriber>,
     serving: crate::grpc::Serving,
+    background: Vec<Background>,
+}
+
+/// A task that runs next to the API until shutdown.
+struct Background(
+    Box<dyn FnOnce(CancellationToken) -> futures_util::future::BoxFuture<'static, ()> + Send>,
+);
+
+impl std::fmt::Debug for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Background")
+    }
 }
 
 impl Service {
@@ -75,6 +87,7 @@ impl Service {
                 },
                 ..Default::default()
             },
+            background: Vec::new(),
         })
     }
 
@@ -98,6 +111,18 @@ impl Service {
         self
     }
 
+    /// Runs `task` next to the API; it gets a token cancelled when shutdown
+    /// begins and must return soon after.
+    pub fn with_background<F, Fut>(mut self, task: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.background
+            .push(Background(Box::new(move |token| Box::pin(task(token)))));
+        self
+    }
+
     /// The bound gRPC address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -105,14 +130,27 @@ impl Service {
 
     /// Serves the API and consumes events until `shutdown`.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        crate::grpc::run_service(
-            self.listener,
-            self.routes,
-            &[self.name],
-            self.subscribers,
-            self.serving,
-            shutdown,
-        )
-        .await
+        let stop = shutdown.child_token();
+        // In this future, not spawned: dropping it stops them too.
+        let background = futures_util::future::join_all(
+            self.background
+                .into_iter()
+                .map(|Background(task)| task(stop.clone())),
+        );
+        let service = async {
+            let result = crate::grpc::run_service(
+                self.listener,
+                self.routes,
+                &[self.name],
+                self.subscribers,
+                self.serving,
+                shutdown,
+            )
+            .await;
+            stop.cancel();
+            result
+        };
+        let (result, _) = tokio::join!(service, background);
+        result
     }
 }

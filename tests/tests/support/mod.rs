@@ -50,6 +50,8 @@ pub struct Options {
     /// Services require tokens signed with this secret (HS256); without
     /// one, authentication is off.
     pub auth_secret: Option<String>,
+    /// The order service's saga timeout (15 minutes when unset).
+    pub saga_timeout: Option<Duration>,
 }
 
 impl System {
@@ -151,6 +153,7 @@ impl System {
         }
 
         let app = order_service::build(order_service::Settings {
+            saga_timeout: options.saga_timeout.unwrap_or(Duration::from_secs(15 * 60)),
             grpc_addr: any,
             database_url: order_db.url.clone(),
             metrics_addr: None,
