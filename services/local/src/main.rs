@@ -92,6 +92,14 @@ async fn main() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
     let keys_given = cli.auth.auth_hs256_secret.is_some() || cli.auth.auth_jwks_file.is_some();
     if !keys_given && !cli.auth.auth_disabled {
+        // The built-in secret is public: only for a checkout no one else
+        // can reach.
+        anyhow::ensure!(
+            cli.first_addr.ip().is_loopback() || cli.command.is_some(),
+            "set AUTH_HS256_SECRET (or AUTH_JWKS_FILE): the built-in development secret is public \
+             and {} is reachable from other hosts",
+            cli.first_addr.ip()
+        );
         cli.auth.auth_hs256_secret = Some(LOCAL_SECRET.to_owned());
     }
     let addr = |offset: u16| SocketAddr::new(cli.first_addr.ip(), cli.first_addr.port() + offset);

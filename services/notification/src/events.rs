@@ -88,14 +88,7 @@ impl Notifier {
 
 fn amount(money: Option<&shop_proto::types::v1::Money>) -> String {
     money
-        .map(|m| {
-            format!(
-                "{}.{:02} {}",
-                m.amount_minor / 100,
-                m.amount_minor % 100,
-                m.currency
-            )
-        })
+        .map(|m| shop_server::validate::format_money(m.amount_minor, &m.currency))
         .unwrap_or_default()
 }
 

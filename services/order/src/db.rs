@@ -211,10 +211,22 @@ pub async fn insert_order(
 
 /// Locks an order for a status change.
 pub async fn lock_order(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OrderRow>> {
+    lock_order_of(conn, id, None).await
+}
+
+/// Locks an order, only if it is `customer`'s when one is given: an order
+/// of someone else's is neither locked nor waited for.
+pub async fn lock_order_of(
+    conn: &mut PgConnection,
+    id: Uuid,
+    customer: Option<Uuid>,
+) -> sqlx::Result<Option<OrderRow>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 FOR UPDATE"
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND ($2::uuid IS NULL OR customer_id = $2) \
+         FOR UPDATE"
     )))
     .bind(id)
+    .bind(customer)
     .fetch_optional(conn)
     .await
 }
@@ -262,10 +274,21 @@ pub async fn add_history(
 }
 
 pub async fn load(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<FullOrder>> {
+    load_of(pool, id, None).await
+}
+
+/// Loads an order, only if it is `customer`'s when one is given (so an
+/// order of someone else's is looked up exactly like a missing one).
+pub async fn load_of(
+    pool: &PgPool,
+    id: Uuid,
+    customer: Option<Uuid>,
+) -> sqlx::Result<Option<FullOrder>> {
     let order: Option<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND ($2::uuid IS NULL OR customer_id = $2)"
     )))
     .bind(id)
+    .bind(customer)
     .fetch_optional(pool)
     .await?;
     match order {

@@ -77,6 +77,13 @@ impl NewOrder {
 
     /// Identifies the request's content, to tell a retry from a different
     /// order sent with the same idempotency key.
+    /// The fingerprint orders placed before fingerprints sorted their lines
+    /// were stored with, so their retries are still recognised.
+    pub fn legacy_fingerprint(&self) -> String {
+        let lines: Vec<String> = self.lines.iter().map(|(p, q)| format!("{p}x{q}")).collect();
+        format!("{}:{}", self.customer_id, lines.join(","))
+    }
+
     /// The same lines in another order are the same request.
     pub fn fingerprint(&self) -> String {
         let mut lines: Vec<String> = self.lines.iter().map(|(p, q)| format!("{p}x{q}")).collect();

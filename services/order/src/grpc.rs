@@ -49,14 +49,11 @@ impl Orders {
     }
 
     /// The order, if `caller` may see it; another customer's order is
-    /// answered exactly like one that does not exist.
+    /// looked up and answered exactly like one that does not exist.
     async fn get_for(&self, id: Uuid, caller: &Caller) -> Result<FullOrder, ServiceError> {
-        let full = self.get(id).await?;
-        if caller.may_act_for(full.order.customer_id) {
-            Ok(full)
-        } else {
-            Err(not_found(id))
-        }
+        db::load_of(&self.pool, id, caller.customer())
+            .await?
+            .ok_or_else(|| not_found(id))
     }
 }
 
@@ -173,7 +170,7 @@ impl OrderService for Orders {
                 // currency changed still gets its first answer.
                 drop(tx);
                 return match self.existing(&new).await? {
-                    Some(existing) => self.replay(existing, &fingerprint).await,
+                    Some(existing) => self.replay(existing, &new).await,
                     None => Err(error.into()),
                 };
             }
@@ -199,7 +196,7 @@ impl OrderService for Orders {
             let existing = self.existing(&new).await?.ok_or_else(|| {
                 ServiceError::Internal(anyhow::anyhow!("an idempotency key's order vanished"))
             })?;
-            return self.replay(existing, &fingerprint).await;
+            return self.replay(existing, &new).await;
         }
         let event = events::OrderPlaced {
             order_id: order.id.to_string(),
@@ -296,10 +293,9 @@ impl OrderService for Orders {
         let caller = Caller::of(&request)?;
         let id = validate::uuid("order_id", &request.get_ref().order_id)?;
         let mut tx = self.pool.begin().await.map_err(ServiceError::from)?;
-        let order = db::lock_order(&mut tx, id)
+        let order = db::lock_order_of(&mut tx, id, caller.customer())
             .await
             .map_err(ServiceError::from)?
-            .filter(|order| caller.may_act_for(order.customer_id))
             .ok_or_else(|| not_found(id))?;
         if order.status != PENDING {
             return Err(ServiceError::FailedPrecondition(format!(
@@ -401,9 +397,10 @@ impl Orders {
     async fn replay(
         &self,
         existing: OrderRow,
-        fingerprint: &str,
+        new: &NewOrder,
     ) -> Result<Response<PlaceOrderResponse>, Status> {
-        if existing.request_fingerprint != fingerprint {
+        let stored = existing.request_fingerprint.as_str();
+        if stored != new.fingerprint() && stored != new.legacy_fingerprint() {
             return Err(ServiceError::AlreadyExists(
                 "idempotency_key was already used for a different order".into(),
             )

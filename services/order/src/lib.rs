@@ -61,6 +61,7 @@ pub struct Settings {
     pub log_json: bool,
     /// An order still PENDING this long after it was placed is cancelled
     /// (and compensated): no order waits forever with stock reserved.
+    /// Between 1 s and 30 days.
     #[arg(long, env = "ORDER_SAGA_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
     pub saga_timeout: std::time::Duration,
     #[command(flatten)]
@@ -78,6 +79,11 @@ pub struct Settings {
 /// Binds the gRPC address, connects to and migrates the database, and
 /// declares the subscriber's queues: the service, ready to run.
 pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
+    anyhow::ensure!(
+        (std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(30 * 86_400))
+            .contains(&settings.saga_timeout),
+        "--saga-timeout must be between 1s and 30days"
+    );
     let foundation = shop_server::service::prepare(
         settings.grpc_addr,
         &settings.database_url,

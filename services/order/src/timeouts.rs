@@ -26,7 +26,12 @@ pub async fn run(pool: PgPool, timeout: Duration, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        match cancel_overdue(&pool, timeout, &shutdown).await {
+        // Dropped mid-transaction on shutdown: it rolls back.
+        let scanned = tokio::select! {
+            () = shutdown.cancelled() => return,
+            scanned = cancel_overdue(&pool, timeout, &shutdown) => scanned,
+        };
+        match scanned {
             Ok(0) => {}
             Ok(cancelled) => {
                 tracing::warn!(

@@ -1,5 +1,6 @@
 //! The payment-provider port and the built-in simulated provider.
 
+use shop_server::validate::format_money;
 use uuid::Uuid;
 
 /// The outcome of a charge.
@@ -43,9 +44,9 @@ impl PaymentProvider for SimulatedProvider {
     fn charge(&self, _order_id: Uuid, amount_minor: i64, currency: &str) -> Charge {
         if amount_minor > self.decline_above_minor {
             Charge::Declined(format!(
-                "{} {currency} exceeds the card limit of {} {currency}",
-                major(amount_minor),
-                major(self.decline_above_minor)
+                "{} exceeds the card limit of {}",
+                format_money(amount_minor, currency),
+                format_money(self.decline_above_minor, currency)
             ))
         } else {
             Charge::Approved
@@ -55,11 +56,6 @@ impl PaymentProvider for SimulatedProvider {
     fn refund(&self, _order_id: Uuid, _amount_minor: i64, _currency: &str) -> anyhow::Result<()> {
         Ok(())
     }
-}
-
-/// Minor units as a decimal amount with two places (1999 → "19.99").
-fn major(amount_minor: i64) -> String {
-    format!("{}.{:02}", amount_minor / 100, (amount_minor % 100).abs())
 }
 
 #[cfg(test)]

@@ -9,12 +9,13 @@
 //! A verified token makes the caller either a customer — its subject is the
 //! customer's user id, and it may act only on its own orders, payments,
 //! notifications and profile — or staff, when its `scope` claim holds
-//! [`STAFF_SCOPE`]: staff manage the catalog and stock and may read any
-//! order. `--auth-disabled` turns all of this off for local demos: every
+//! [`STAFF_SCOPE`]: staff manage the catalog and stock, and act for any
+//! customer (read or cancel any order, place one on a customer's behalf,
+//! read profiles and purchase histories), as a shop's support staff do.
+//! `--auth-disabled` turns all of this off for local demos: every
 //! caller is then [`Caller::Anyone`], allowed everything, and the service
 //! says so loudly at start-up.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,6 +109,15 @@ impl Caller {
         }
     }
 
+    /// The customer the caller is, if it is one: what it may reach is
+    /// limited to that customer's.
+    pub fn customer(&self) -> Option<Uuid> {
+        match self {
+            Caller::Customer(id) => Some(*id),
+            Caller::Anyone | Caller::Staff(_) => None,
+        }
+    }
+
     /// Whether the caller is staff (or authentication is off).
     pub fn is_staff(&self) -> bool {
         matches!(self, Caller::Anyone | Caller::Staff(_))
@@ -136,20 +146,49 @@ impl Caller {
     }
 }
 
-/// The claims this system reads.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The claims this system reads once a token is verified (issuer,
+/// audience, expiry and not-before are checked by the verification).
+#[derive(Debug, Clone, Deserialize)]
 pub struct Claims {
     /// Subject: a customer's user id, or a staff member's name.
     pub sub: String,
-    /// Issuer.
-    pub iss: String,
-    /// Audience.
-    pub aud: String,
-    /// Expiry, seconds since the epoch.
-    pub exp: u64,
-    /// Space-separated scopes.
+    /// Scopes: a space-separated string (OAuth 2) or a list.
     #[serde(default)]
-    pub scope: String,
+    pub scope: Scopes,
+}
+
+/// The `scope` claim in either of its common forms.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(untagged)]
+pub enum Scopes {
+    /// `"a b c"`.
+    Spaced(String),
+    /// `["a", "b", "c"]`.
+    Listed(Vec<String>),
+    /// No scope.
+    #[default]
+    None,
+}
+
+impl Scopes {
+    fn contains(&self, scope: &str) -> bool {
+        match self {
+            Scopes::Spaced(text) => text.split_whitespace().any(|s| s == scope),
+            Scopes::Listed(list) => list.iter().any(|s| s == scope),
+            Scopes::None => false,
+        }
+    }
+}
+
+/// The claims of the tokens [`LocalTokens`] issues.
+#[derive(Debug, Clone, Serialize)]
+struct Issued<'a> {
+    sub: &'a str,
+    iss: &'a str,
+    aud: &'a str,
+    exp: u64,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    scope: &'a str,
 }
 
 /// Verifies bearer tokens; a tonic interceptor for every public service.
@@ -229,12 +268,12 @@ impl Authenticator {
         validation.set_issuer(&[&keys.issuer]);
         validation.set_audience(&[&keys.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = LEEWAY.as_secs();
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map_err(|error| Status::unauthenticated(rejection(error.kind())))?
             .claims;
-        let scopes: HashSet<&str> = claims.scope.split_whitespace().collect();
-        if scopes.contains(STAFF_SCOPE) {
+        if claims.scope.contains(STAFF_SCOPE) {
             return Ok(Caller::Staff(claims.sub));
         }
         Uuid::parse_str(&claims.sub)
@@ -337,12 +376,12 @@ impl LocalTokens {
     /// A token for `subject` with `scope` that expires at `exp` (seconds
     /// since the epoch; a past time makes an expired token).
     pub fn token_until(&self, subject: &str, scope: &str, exp: u64) -> String {
-        let claims = Claims {
-            sub: subject.to_owned(),
-            iss: self.issuer.clone(),
-            aud: self.audience.clone(),
+        let claims = Issued {
+            sub: subject,
+            iss: &self.issuer,
+            aud: &self.audience,
             exp,
-            scope: scope.to_owned(),
+            scope,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
             .expect("HS256 signing does not fail")
@@ -398,35 +437,49 @@ mod tests {
         assert!(refused(Some("Bearer abc")).contains("not a JWT"));
         let expired = tokens.token(&id.to_string(), "", Duration::ZERO);
         // Past the leeway only: craft one that expired an hour ago.
-        let mut claims = Claims {
-            sub: id.to_string(),
-            iss: "shop".into(),
-            aud: "shop".into(),
-            exp: jsonwebtoken::get_current_timestamp() - 3600,
-            scope: String::new(),
-        };
+        let now = jsonwebtoken::get_current_timestamp();
         let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
-        let old = jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap();
-        assert!(refused(Some(&bearer(&old))).contains("expired"));
+        let sign = |claims: serde_json::Value| {
+            bearer(&jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap())
+        };
+        let claims = |changes: serde_json::Value| {
+            let mut claims = serde_json::json!({
+                "sub": id.to_string(), "iss": "shop", "aud": "shop", "exp": now + 3600,
+            });
+            for (name, value) in changes.as_object().unwrap() {
+                claims[name] = value.clone();
+            }
+            claims
+        };
+        let old = sign(claims(serde_json::json!({ "exp": now - 3600 })));
+        assert!(refused(Some(&old)).contains("expired"));
         assert!(
             auth.authenticate(Some(&bearer(&expired))).is_ok(),
             "within the leeway"
         );
-        claims.exp = jsonwebtoken::get_current_timestamp() + 3600;
-        claims.iss = "elsewhere".into();
-        let foreign = jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap();
-        assert!(refused(Some(&bearer(&foreign))).contains("issuer"));
-        claims.iss = "shop".into();
-        let forged = jsonwebtoken::encode(
-            &Header::default(),
-            &claims,
-            &EncodingKey::from_secret(b"another secret of at least 32 bytes!"),
-        )
-        .unwrap();
-        assert!(refused(Some(&bearer(&forged))).contains("signature"));
-        claims.sub = "not-a-uuid".into();
-        let odd = jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap();
-        assert!(refused(Some(&bearer(&odd))).contains("customer id"));
+        let foreign = sign(claims(serde_json::json!({ "iss": "elsewhere" })));
+        assert!(refused(Some(&foreign)).contains("issuer"));
+        let early = sign(claims(serde_json::json!({ "nbf": now + 3600 })));
+        assert!(refused(Some(&early)).contains("not valid yet"));
+        let forged = bearer(
+            &jsonwebtoken::encode(
+                &Header::default(),
+                &claims(serde_json::json!({})),
+                &EncodingKey::from_secret(b"another secret of at least 32 bytes!"),
+            )
+            .unwrap(),
+        );
+        assert!(refused(Some(&forged)).contains("signature"));
+        let odd = sign(claims(serde_json::json!({ "sub": "not-a-uuid" })));
+        assert!(refused(Some(&odd)).contains("customer id"));
+        // Identity providers send audiences and scopes as lists too.
+        let listed = sign(claims(serde_json::json!({
+            "aud": ["other", "shop"], "scope": ["read", STAFF_SCOPE], "sub": "ops",
+        })));
+        assert_eq!(
+            auth.authenticate(Some(&listed)).unwrap(),
+            Caller::Staff("ops".into())
+        );
     }
 
     #[test]

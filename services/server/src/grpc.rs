@@ -101,8 +101,11 @@ pub struct Dependencies {
 /// Largest request message a server accepts (decoded). The biggest valid
 /// request, an order of 100 lines, is a few kilobytes.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-/// Most calls one client connection may have open at once.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Most calls one client connection may have open at once: bounded so one
+/// client cannot hold unbounded server state, and high enough for a
+/// gateway that multiplexes many customers' WatchOrder streams over one
+/// connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// HTTP/2 pings on idle connections, so a peer that vanished is noticed
 /// and its streams end.
 const HTTP2_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));

@@ -44,6 +44,26 @@ pub fn currency(field: &str, value: &str) -> Result<String, ServiceError> {
     }
 }
 
+/// An amount in minor units written for people in its currency's own
+/// decimals: 1999 EUR is "19.99 EUR", 1999 JPY is "1999 JPY".
+pub fn format_money(amount_minor: i64, currency: &str) -> String {
+    let exponent = iso_currency::Currency::from_code(currency)
+        .and_then(|code| code.exponent())
+        .unwrap_or(2) as u32;
+    if exponent == 0 {
+        return format!("{amount_minor} {currency}");
+    }
+    let unit = 10_i64.pow(exponent);
+    let sign = if amount_minor < 0 { "-" } else { "" };
+    let amount = amount_minor.unsigned_abs();
+    format!(
+        "{sign}{}.{:0width$} {currency}",
+        amount / unit as u64,
+        amount % unit as u64,
+        width = exponent as usize
+    )
+}
+
 /// Money present, with a valid currency and a non-negative amount.
 pub fn money(
     field: &str,
@@ -96,6 +116,14 @@ pub fn next_page_token(offset: i64, page_size: i64, returned: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn money_is_written_in_its_currency_s_own_decimals() {
+        assert_eq!(format_money(1999, "EUR"), "19.99 EUR");
+        assert_eq!(format_money(5, "EUR"), "0.05 EUR");
+        assert_eq!(format_money(1999, "JPY"), "1999 JPY");
+        assert_eq!(format_money(1999, "BHD"), "1.999 BHD");
+    }
 
     #[test]
     fn currencies_come_from_the_iso_4217_list() {
