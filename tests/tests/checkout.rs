@@ -971,3 +971,172 @@ async fn an_order_whose_saga_never_finishes_is_cancelled_and_its_stock_released(
     assert!(told[0].contains("was cancelled"), "{told:?}");
     system.stop().await
 }
+
+/// `message` with `authorization: Bearer <token>`.
+fn signed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn staff_cancelling_a_confirmed_order_restocks_refunds_and_clears_the_purchase() -> Result<()>
+{
+    const SECRET: &str = "a test secret of at least thirty-two bytes";
+    let system = System::start_with(Options {
+        auth_secret: Some(SECRET.into()),
+        ..Options::default()
+    })
+    .await?;
+    let tokens = shop_server::auth::LocalTokens::new(
+        &shop_server::auth::AuthSettings::shared_secret(SECRET),
+    )?;
+    let staff = tokens.staff("support");
+    let customer = uuid::Uuid::now_v7();
+    let shopper = tokens.customer(customer);
+    system
+        .user
+        .clone()
+        .register_user(signed(
+            &shopper,
+            RegisterUserRequest {
+                name: "Changed Mind".into(),
+                email: "changed@example.com".into(),
+            },
+        ))
+        .await?;
+    let chair = system
+        .inventory
+        .clone()
+        .create_product(signed(
+            &staff,
+            CreateProductRequest {
+                sku: "ARMCHAIR".into(),
+                name: "Armchair".into(),
+                unit_price: eur(25000),
+                initial_stock: 4,
+            },
+        ))
+        .await?
+        .into_inner()
+        .product
+        .unwrap()
+        .product_id;
+    let stock_of = || async {
+        anyhow::Ok(
+            system
+                .inventory
+                .clone()
+                .get_stock(signed(
+                    &staff,
+                    GetStockRequest {
+                        product_id: chair.clone(),
+                    },
+                ))
+                .await?
+                .into_inner()
+                .stock
+                .unwrap(),
+        )
+    };
+    let purchases = || async {
+        anyhow::Ok(
+            system
+                .user
+                .clone()
+                .get_purchase_history(signed(
+                    &shopper,
+                    GetPurchaseHistoryRequest {
+                        user_id: customer.to_string(),
+                        ..Default::default()
+                    },
+                ))
+                .await?
+                .into_inner()
+                .purchases
+                .len(),
+        )
+    };
+    let order_id = eventually(TIMEOUT, "the order to be accepted", || async {
+        let placed = system
+            .order
+            .clone()
+            .place_order(signed(
+                &shopper,
+                request(&customer.to_string(), &[(&chair, 2)], "keep-it"),
+            ))
+            .await;
+        match placed {
+            Ok(response) => Ok(Some(response.into_inner().order.unwrap().order_id)),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(status.into()),
+        }
+    })
+    .await?;
+    eventually(
+        TIMEOUT,
+        "the stock committed and the purchase recorded",
+        || async {
+            let stock = stock_of().await?;
+            Ok((stock.on_hand == 2 && purchases().await? == 1).then_some(()))
+        },
+    )
+    .await?;
+
+    // The customer may not take a confirmed order back; staff may.
+    let cancel = |token: &str| {
+        signed(
+            token,
+            CancelOrderRequest {
+                order_id: order_id.clone(),
+            },
+        )
+    };
+    let refused = system
+        .order
+        .clone()
+        .cancel_order(cancel(&shopper))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    let cancelled = system
+        .order
+        .clone()
+        .cancel_order(cancel(&staff))
+        .await?
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(cancelled.status(), OrderStatus::Cancelled);
+
+    // Stock back on hand, the charge refunded, the purchase gone.
+    eventually(TIMEOUT, "the armchairs back in stock", || async {
+        let stock = stock_of().await?;
+        Ok((stock.on_hand == 4 && stock.reserved == 0).then_some(()))
+    })
+    .await?;
+    eventually(TIMEOUT, "the refund", || async {
+        let payment = system
+            .payment
+            .clone()
+            .get_payment(signed(
+                &shopper,
+                GetPaymentRequest {
+                    order_id: order_id.clone(),
+                },
+            ))
+            .await?
+            .into_inner()
+            .payment
+            .unwrap();
+        Ok((payment.status() == PaymentStatus::Refunded).then_some(()))
+    })
+    .await?;
+    eventually(TIMEOUT, "the purchase to leave the history", || async {
+        Ok((purchases().await? == 0).then_some(()))
+    })
+    .await?;
+    system.stop().await
+}

@@ -200,3 +200,34 @@ pub async fn close_reservation(
     .await?;
     Ok(held)
 }
+
+/// Puts back on hand the stock committed to an order cancelled after its
+/// confirmation. Returns what went back (nothing if it was not committed,
+/// or was put back before).
+pub async fn restock_committed(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+) -> sqlx::Result<Vec<(Uuid, i32)>> {
+    let returned: Vec<(Uuid, i32)> = sqlx::query_as(
+        "UPDATE reservations SET status = 'restocked' WHERE order_id = $1 AND status = 'committed' \
+         RETURNING product_id, quantity",
+    )
+    .bind(order_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    if returned.is_empty() {
+        return Ok(returned);
+    }
+    let (ids, quantities): (Vec<Uuid>, Vec<i32>) = returned.iter().copied().unzip();
+    lock_products(&mut *conn, &ids).await?;
+    sqlx::query(
+        "UPDATE products p SET on_hand = p.on_hand + h.quantity \
+         FROM unnest($1::uuid[], $2::int[]) AS h(product_id, quantity) \
+         WHERE p.id = h.product_id",
+    )
+    .bind(&ids)
+    .bind(&quantities)
+    .execute(conn)
+    .await?;
+    Ok(returned)
+}

@@ -1,7 +1,8 @@
 //! How inventory takes part in the checkout saga:
 //! OrderPlaced → reserve every line or none (InventoryReserved or
-//! InventoryReservationFailed); OrderCancelled → release
-//! (InventoryReleased); OrderConfirmed → commit (InventoryCommitted).
+//! InventoryReservationFailed); OrderCancelled → release what is reserved,
+//! or put back what was committed (InventoryReleased); OrderConfirmed →
+//! commit (InventoryCommitted).
 //!
 //! Products are locked in id order before their stock is checked, so
 //! concurrent orders for the last units cannot both reserve them, and
@@ -133,7 +134,9 @@ impl EventHandler<OrderCancelled> for Reservations {
     ) -> Result<(), HandlerError> {
         let order = order_id(&event.order_id)?;
         db::mark_cancelled(tx, order).await?;
-        let held = db::close_reservation(tx, order, "released").await?;
+        let mut held = db::close_reservation(tx, order, "released").await?;
+        // An order cancelled after its confirmation gives its stock back.
+        held.extend(db::restock_committed(tx, order).await?);
         if !held.is_empty() {
             let key = order.to_string();
             let released = InventoryReleased {

@@ -176,8 +176,8 @@ pub async fn confirm(
 }
 
 /// Cancels a pending order: CANCELLED with a reason, history, OrderCancelled
-/// (which makes inventory release what it reserved). Returns false if the
-/// order was no longer pending.
+/// (which makes inventory release what it reserved, and payment refund what
+/// it charged). Returns false if the order was no longer pending.
 pub async fn cancel(
     conn: &mut PgConnection,
     order_id: Uuid,
@@ -185,10 +185,41 @@ pub async fn cancel(
     detail: &str,
     context: &EventContext,
 ) -> Result<bool, HandlerError> {
+    cancel_from(conn, order_id, PENDING, reason, detail, context).await
+}
+
+/// Cancels a confirmed order (staff only): as [`cancel`], and inventory
+/// puts the committed stock back. Returns false if the order was not
+/// confirmed.
+pub async fn revoke(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    detail: &str,
+    context: &EventContext,
+) -> Result<bool, HandlerError> {
+    cancel_from(
+        conn,
+        order_id,
+        CONFIRMED,
+        CancelReason::StaffRequest,
+        detail,
+        context,
+    )
+    .await
+}
+
+async fn cancel_from(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    from: &str,
+    reason: CancelReason,
+    detail: &str,
+    context: &EventContext,
+) -> Result<bool, HandlerError> {
     let order = db::lock_order(conn, order_id)
         .await?
         .ok_or_else(|| HandlerError::transient(format!("order {order_id} is not known")))?;
-    if order.status != PENDING {
+    if order.status != from {
         return Ok(false);
     }
     db::set_status(conn, order_id, CANCELLED, detail).await?;
@@ -340,7 +371,7 @@ impl EventHandler<InventoryReleased> for Saga {
         event: InventoryReleased,
         meta: &Metadata,
     ) -> Result<(), HandlerError> {
-        history(tx, &event.order_id, meta, "reserved stock released")
+        history(tx, &event.order_id, meta, "stock released")
             .await
             .map(drop)
     }

@@ -297,25 +297,39 @@ impl OrderService for Orders {
             .await
             .map_err(ServiceError::from)?
             .ok_or_else(|| not_found(id))?;
-        if order.status != PENDING {
-            return Err(ServiceError::FailedPrecondition(format!(
-                "order {id} is {} and can no longer be cancelled",
-                order.status
-            ))
-            .into());
+        let context = EventContext::new_flow(id);
+        match (order.status.as_str(), caller.is_staff()) {
+            (PENDING, _) => {
+                let (reason, detail) = match caller {
+                    Caller::Staff(_) => (events::CancelReason::StaffRequest, "cancelled by staff"),
+                    _ => (
+                        events::CancelReason::CustomerRequest,
+                        "cancelled by the customer",
+                    ),
+                };
+                crate::events::cancel(&mut tx, id, reason, detail, &context)
+                    .await
+                    .map_err(handler_error)?;
+            }
+            // Staff may take back a confirmed order: the stock goes back
+            // and the charge is refunded.
+            (CONFIRMED, true) => {
+                crate::events::revoke(
+                    &mut tx,
+                    id,
+                    "cancelled by staff after confirmation",
+                    &context,
+                )
+                .await
+                .map_err(handler_error)?;
+            }
+            (status, _) => {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "order {id} is {status} and can no longer be cancelled"
+                ))
+                .into());
+            }
         }
-        crate::events::cancel(
-            &mut tx,
-            id,
-            events::CancelReason::CustomerRequest,
-            match caller {
-                Caller::Staff(_) => "cancelled by staff",
-                _ => "cancelled by the customer",
-            },
-            &EventContext::new_flow(id),
-        )
-        .await
-        .map_err(handler_error)?;
         tx.commit().await.map_err(ServiceError::commit)?;
         let full = self.get(id).await?;
         Ok(Response::new(CancelOrderResponse {

@@ -1,6 +1,9 @@
-//! OrderConfirmed → a purchase in the customer's history.
+//! OrderConfirmed → a purchase in the customer's history; OrderCancelled →
+//! out of it again (staff may cancel a confirmed order). Either may arrive
+//! first: a cancelled order is remembered, and a late OrderConfirmed for
+//! it adds nothing.
 
-use shop_proto::events::v1::OrderConfirmed;
+use shop_proto::events::v1::{OrderCancelled, OrderConfirmed};
 use shop_subscriber::{
     EventHandler, HandlerError, HandlerTx, Metadata, Subscriber, SubscriberSettings,
 };
@@ -11,6 +14,7 @@ use uuid::Uuid;
 pub fn subscriber(settings: SubscriberSettings, pool: PgPool) -> Subscriber {
     Subscriber::builder(crate::CONSUMER, "user.events", settings)
         .on::<OrderConfirmed, _>(PurchaseHistory)
+        .on::<OrderCancelled, _>(PurchaseHistory)
         .build(pool)
 }
 
@@ -37,7 +41,9 @@ impl EventHandler<OrderConfirmed> for PurchaseHistory {
             .unwrap_or_else(chrono::Utc::now);
         sqlx::query(
             "INSERT INTO purchases (order_id, user_id, total_minor, currency, item_count, confirmed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
+             SELECT $1, $2, $3, $4, $5, $6 \
+             WHERE NOT EXISTS (SELECT 1 FROM cancelled_orders WHERE order_id = $1) \
+             ON CONFLICT (order_id) DO NOTHING",
         )
         .bind(order_id)
         .bind(user_id)
@@ -47,6 +53,27 @@ impl EventHandler<OrderConfirmed> for PurchaseHistory {
         .bind(confirmed_at)
         .execute(&mut **tx)
         .await?;
+        Ok(())
+    }
+}
+
+impl EventHandler<OrderCancelled> for PurchaseHistory {
+    async fn handle(
+        &self,
+        tx: &mut HandlerTx,
+        event: OrderCancelled,
+        _: &Metadata,
+    ) -> Result<(), HandlerError> {
+        let order_id = Uuid::parse_str(&event.order_id)
+            .map_err(|_| HandlerError::permanent("order_id is not a UUID"))?;
+        sqlx::query("INSERT INTO cancelled_orders (order_id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(order_id)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("DELETE FROM purchases WHERE order_id = $1")
+            .bind(order_id)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 }
