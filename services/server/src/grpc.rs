@@ -21,6 +21,11 @@ pub struct TlsSettings {
     /// PEM private key of `--tls-cert`.
     #[arg(long, env = "GRPC_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// PEM certificate of the authority that issues client certificates:
+    /// when set, only clients presenting one of its certificates connect
+    /// (mutual TLS). Needs `--tls-cert`.
+    #[arg(long, env = "GRPC_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl TlsSettings {
@@ -32,6 +37,10 @@ impl TlsSettings {
                 self.tls_cert.is_none() && self.tls_key.is_none(),
                 "--tls-cert and --tls-key go together"
             );
+            anyhow::ensure!(
+                self.tls_client_ca.is_none(),
+                "--tls-client-ca needs --tls-cert and --tls-key"
+            );
             return Ok(None);
         };
         install_crypto_provider();
@@ -39,9 +48,12 @@ impl TlsSettings {
             std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))
         };
         let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-        Ok(Some(
-            tonic::transport::ServerTlsConfig::new().identity(identity),
-        ))
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.tls_client_ca {
+            // Client certificates are then required, not optional.
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        Ok(Some(config))
     }
 }
 

@@ -1,5 +1,6 @@
 //! gRPC over TLS: a server given a certificate and key serves only TLS, and
-//! a client trusting the certificate's issuer talks to it.
+//! a client trusting the certificate's issuer talks to it; with a client CA
+//! (mutual TLS) only clients holding a certificate from that CA do.
 
 use std::path::PathBuf;
 
@@ -26,6 +27,7 @@ async fn a_server_with_a_certificate_serves_tls_to_clients_that_trust_it() -> an
             "key.pem",
             &certified.signing_key.serialize_pem(),
         )),
+        tls_client_ca: None,
     };
     let tls = settings.load()?;
     assert!(tls.is_some());
@@ -82,10 +84,111 @@ fn a_missing_certificate_file_is_named_at_start_up() {
     let settings = TlsSettings {
         tls_cert: Some("/nonexistent/cert.pem".into()),
         tls_key: Some("/nonexistent/key.pem".into()),
+        tls_client_ca: None,
     };
     let error = settings.load().unwrap_err();
     assert!(
         format!("{error:#}").contains("/nonexistent/cert.pem"),
         "{error:#}"
     );
+}
+
+/// A private CA, and certificates it issued.
+struct Authority {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    pem: String,
+}
+
+impl Authority {
+    fn new() -> anyhow::Result<Self> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "shop test CA");
+        let key = rcgen::KeyPair::generate()?;
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Self { params, key, pem })
+    }
+
+    /// A certificate and its key, for `names`.
+    fn issue(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let params = rcgen::CertificateParams::new(
+            names
+                .iter()
+                .map(|name| (*name).to_owned())
+                .collect::<Vec<_>>(),
+        )?;
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+#[tokio::test]
+async fn with_a_client_ca_only_clients_holding_its_certificates_connect() -> anyhow::Result<()> {
+    let ca = Authority::new()?;
+    let (server_cert, server_key) = ca.issue(&["localhost"])?;
+    let (client_cert, client_key) = ca.issue(&["shop-client"])?;
+    let stranger = Authority::new()?;
+    let (stranger_cert, stranger_key) = stranger.issue(&["stranger"])?;
+    let tls = TlsSettings {
+        tls_cert: Some(write_temp("cert.pem", &server_cert)),
+        tls_key: Some(write_temp("key.pem", &server_key)),
+        tls_client_ca: Some(write_temp("ca.pem", &ca.pem)),
+    }
+    .load()?;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(shop_server::grpc::serve(
+        listener,
+        tonic::service::Routes::default(),
+        &[],
+        shop_server::grpc::Serving {
+            tls,
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
+    shop_server::grpc::install_crypto_provider();
+    let check = |identity: Option<(String, String)>| {
+        let ca_pem = ca.pem.clone();
+        async move {
+            let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+            if let Some((cert, key)) = identity {
+                config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            let channel = Endpoint::from_shared(format!("https://localhost:{port}"))?
+                .tls_config(config)?
+                .connect()
+                .await?;
+            let status = HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await?
+                .into_inner()
+                .status();
+            anyhow::Ok(status)
+        }
+    };
+
+    assert_eq!(
+        check(Some((client_cert, client_key))).await?,
+        ServingStatus::Serving
+    );
+    assert!(
+        check(None).await.is_err(),
+        "a client without a certificate got an answer"
+    );
+    assert!(
+        check(Some((stranger_cert, stranger_key))).await.is_err(),
+        "a client with another CA's certificate got an answer"
+    );
+
+    shutdown.cancel();
+    server.await??;
+    Ok(())
 }

@@ -2,7 +2,9 @@
 //! is SERVING, 1 otherwise. For container health checks and exec probes.
 //! With `GRPC_TLS_CA` naming a PEM file, it connects over TLS and trusts
 //! that issuer (the server name is `localhost` unless `GRPC_TLS_DOMAIN`
-//! says otherwise).
+//! says otherwise); with `GRPC_TLS_CLIENT_CERT` and `GRPC_TLS_CLIENT_KEY`
+//! it presents that certificate, for servers that require client
+//! certificates.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,9 +38,18 @@ async fn check(addr: &str, service: String) -> anyhow::Result<ServingStatus> {
         Some(ca) => {
             shop_server::grpc::install_crypto_provider();
             let domain = std::env::var("GRPC_TLS_DOMAIN").unwrap_or_else(|_| "localhost".into());
-            let tls = tonic::transport::ClientTlsConfig::new()
+            let mut tls = tonic::transport::ClientTlsConfig::new()
                 .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(ca)?))
                 .domain_name(domain);
+            if let (Some(cert), Some(key)) = (
+                std::env::var_os("GRPC_TLS_CLIENT_CERT"),
+                std::env::var_os("GRPC_TLS_CLIENT_KEY"),
+            ) {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    std::fs::read(cert)?,
+                    std::fs::read(key)?,
+                ));
+            }
             tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?
         }
         None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?,
