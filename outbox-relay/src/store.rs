@@ -44,6 +44,35 @@ pub async fn partition_count(conn: &mut PgConnection) -> sqlx::Result<i32> {
         .await
 }
 
+/// `WITH blocked AS (…)`: the aggregates held back from a row on, because
+/// that row is quarantined or waiting for a retry. Shared by the fetch and
+/// the stall check, so both agree on which rows are ready. The blocked
+/// aggregates are gathered once per statement, not looked up per row:
+/// statistics taken while the outbox was empty (as it usually is) would
+/// otherwise lead the planner to scan every pending row for each one.
+macro_rules! blocked_cte {
+    () => {
+        "WITH blocked AS MATERIALIZED ( \
+             SELECT aggregate_type, aggregate_id, min(id) AS from_id \
+             FROM outbox \
+             WHERE published_at IS NULL \
+               AND (quarantined_at IS NOT NULL OR next_attempt_at IS NOT NULL) \
+               AND (quarantined_at IS NOT NULL OR next_attempt_at > now()) \
+             GROUP BY aggregate_type, aggregate_id)"
+    };
+}
+
+/// The condition that row `o` is not held back (see `blocked_cte`).
+macro_rules! not_blocked {
+    () => {
+        "NOT EXISTS ( \
+             SELECT 1 FROM blocked b \
+             WHERE b.aggregate_type = o.aggregate_type \
+               AND b.aggregate_id = o.aggregate_id \
+               AND b.from_id <= o.id)"
+    };
+}
+
 /// The oldest pending rows of the given partitions, in publication order,
 /// leaving out `in_flight` (rows being published, not yet marked).
 ///
@@ -57,33 +86,20 @@ pub async fn fetch_pending(
     limit: i64,
     in_flight: &[i64],
 ) -> sqlx::Result<Vec<PendingRow>> {
-    // The blocked aggregates are gathered once per fetch, not looked up
-    // per row: statistics taken while the outbox was empty (as it usually
-    // is) would otherwise lead the planner to scan every pending row for
-    // each pending row.
-    sqlx::query_as(
-        "WITH blocked AS MATERIALIZED ( \
-             SELECT aggregate_type, aggregate_id, min(id) AS from_id \
-             FROM outbox \
-             WHERE published_at IS NULL \
-               AND (quarantined_at IS NOT NULL OR next_attempt_at IS NOT NULL) \
-               AND (quarantined_at IS NOT NULL OR next_attempt_at > now()) \
-             GROUP BY aggregate_type, aggregate_id) \
-         SELECT o.id, o.message_id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload, \
+    sqlx::query_as(concat!(
+        blocked_cte!(),
+        " SELECT o.id, o.message_id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload, \
                 o.content_type, o.occurred_at, o.correlation_id, o.causation_id, o.traceparent, \
                 o.attempts \
          FROM outbox o \
          WHERE o.published_at IS NULL \
            AND o.partition = ANY($1) \
            AND o.id <> ALL($3) \
-           AND NOT EXISTS ( \
-               SELECT 1 FROM blocked b \
-               WHERE b.aggregate_type = o.aggregate_type \
-                 AND b.aggregate_id = o.aggregate_id \
-                 AND b.from_id <= o.id) \
-         ORDER BY o.id \
-         LIMIT $2",
-    )
+           AND ",
+        not_blocked!(),
+        " ORDER BY o.id \
+         LIMIT $2"
+    ))
     .bind(partitions)
     .bind(limit)
     .bind(in_flight)
@@ -247,15 +263,9 @@ pub async fn backlog(pool: &PgPool) -> sqlx::Result<Backlog> {
 /// a row of their aggregate) in the partitions in `owned` or held by no
 /// relay at all. Rows in partitions other live relays hold are theirs.
 pub async fn oldest_ready_wait(pool: &PgPool, owned: &[i32]) -> sqlx::Result<f64> {
-    sqlx::query_scalar(
-        "WITH blocked AS MATERIALIZED ( \
-             SELECT aggregate_type, aggregate_id, min(id) AS from_id \
-             FROM outbox \
-             WHERE published_at IS NULL \
-               AND (quarantined_at IS NOT NULL OR next_attempt_at IS NOT NULL) \
-               AND (quarantined_at IS NOT NULL OR next_attempt_at > now()) \
-             GROUP BY aggregate_type, aggregate_id), \
-         held AS MATERIALIZED ( \
+    sqlx::query_scalar(concat!(
+        blocked_cte!(),
+        ", held AS MATERIALIZED ( \
              SELECT l.objid::int AS partition FROM pg_locks l \
              JOIN pg_database d ON d.oid = l.database \
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
@@ -266,12 +276,9 @@ pub async fn oldest_ready_wait(pool: &PgPool, owned: &[i32]) -> sqlx::Result<f64
          WHERE o.published_at IS NULL AND o.quarantined_at IS NULL \
            AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now()) \
            AND (o.partition = ANY($1) OR o.partition NOT IN (SELECT partition FROM held)) \
-           AND NOT EXISTS ( \
-               SELECT 1 FROM blocked b \
-               WHERE b.aggregate_type = o.aggregate_type \
-                 AND b.aggregate_id = o.aggregate_id \
-                 AND b.from_id <= o.id)",
-    )
+           AND ",
+        not_blocked!()
+    ))
     .bind(owned)
     .bind(crate::lease::LOCK_CLASS)
     .fetch_one(pool)

@@ -19,10 +19,10 @@ use shop_proto::order::v1::{
 use shop_proto::payment::v1::GetPaymentRequest;
 use shop_proto::types::v1::Money;
 use shop_proto::user::v1::{GetPurchaseHistoryRequest, GetUserRequest, RegisterUserRequest};
-use shop_server::auth::{AuthSettings, LocalTokens};
+use shop_server::auth::{AuthSettings, LocalTokens, signed};
 use shop_tests::eventually;
 use support::{Options, System};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use uuid::Uuid;
@@ -40,15 +40,6 @@ async fn start() -> Result<(System, LocalTokens)> {
         system,
         LocalTokens::new(&AuthSettings::shared_secret(SECRET))?,
     ))
-}
-
-/// `message` with `authorization: Bearer <token>`.
-fn signed<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
 }
 
 fn eur(amount_minor: i64) -> Option<Money> {

@@ -16,6 +16,7 @@ use shop_proto::order::v1::{
 use shop_proto::payment::v1::{GetPaymentRequest, PaymentStatus};
 use shop_proto::types::v1::Money;
 use shop_proto::user::v1::{GetPurchaseHistoryRequest, RegisterUserRequest};
+use shop_server::auth::signed;
 use shop_tests::eventually;
 use support::{Options, System};
 use tonic::Code;
@@ -136,6 +137,18 @@ async fn wait_for_stock(
         Ok((stock.on_hand == on_hand && stock.reserved == reserved).then_some(stock))
     })
     .await
+}
+
+/// The field an INVALID_ARGUMENT answer names (its first violation).
+fn violated_field(status: &tonic::Status) -> String {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_error_details()
+        .bad_request()
+        .expect("a BadRequest detail")
+        .field_violations[0]
+        .field
+        .clone()
 }
 
 async fn notifications_for(system: &System, order_id: &str) -> Result<Vec<String>> {
@@ -432,28 +445,14 @@ async fn bad_requests_are_rejected_naming_the_field_and_write_nothing() -> Resul
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let violations = status
-        .get_error_details()
-        .bad_request()
-        .unwrap()
-        .field_violations
-        .clone();
-    assert_eq!(violations[0].field, "lines[0].product_id");
+    assert_eq!(violated_field(&status), "lines[0].product_id");
 
     let status = order
         .place_order(request(&customer, &[], "bad-2"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert_eq!(
-        status
-            .get_error_details()
-            .bad_request()
-            .unwrap()
-            .field_violations[0]
-            .field,
-        "lines"
-    );
+    assert_eq!(violated_field(&status), "lines");
 
     let unknown = uuid::Uuid::new_v4().to_string();
     let status = order
@@ -472,15 +471,7 @@ async fn bad_requests_are_rejected_naming_the_field_and_write_nothing() -> Resul
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert_eq!(
-        status
-            .get_error_details()
-            .bad_request()
-            .unwrap()
-            .field_violations[0]
-            .field,
-        "email"
-    );
+    assert_eq!(violated_field(&status), "email");
     // An address already in use is not refused: registration never tells
     // whether an address is registered.
     let again = system
@@ -507,15 +498,7 @@ async fn bad_requests_are_rejected_naming_the_field_and_write_nothing() -> Resul
         })
         .await
         .unwrap_err();
-    assert_eq!(
-        status
-            .get_error_details()
-            .bad_request()
-            .unwrap()
-            .field_violations[0]
-            .field,
-        "sku"
-    );
+    assert_eq!(violated_field(&status), "sku");
 
     // Three capital letters are not enough: the code must be ISO 4217's.
     let status = system
@@ -532,15 +515,7 @@ async fn bad_requests_are_rejected_naming_the_field_and_write_nothing() -> Resul
         })
         .await
         .unwrap_err();
-    assert_eq!(
-        status
-            .get_error_details()
-            .bad_request()
-            .unwrap()
-            .field_violations[0]
-            .field,
-        "unit_price.currency"
-    );
+    assert_eq!(violated_field(&status), "unit_price.currency");
     // A request larger than any valid one is refused before it is read.
     let status = system
         .inventory
@@ -563,15 +538,7 @@ async fn bad_requests_are_rejected_naming_the_field_and_write_nothing() -> Resul
         })
         .await
         .unwrap_err();
-    assert_eq!(
-        status
-            .get_error_details()
-            .bad_request()
-            .unwrap()
-            .field_violations[0]
-            .field,
-        "idempotency_key"
-    );
+    assert_eq!(violated_field(&status), "idempotency_key");
 
     let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
         .fetch_one(&system.order_db.pool)
@@ -970,15 +937,6 @@ async fn an_order_whose_saga_never_finishes_is_cancelled_and_its_stock_released(
     let told = notifications_for(&system, &order.order_id).await?;
     assert!(told[0].contains("was cancelled"), "{told:?}");
     system.stop().await
-}
-
-/// `message` with `authorization: Bearer <token>`.
-fn signed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
 }
 
 #[tokio::test]

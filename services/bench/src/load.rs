@@ -22,7 +22,7 @@ use shop_proto::order::v1::{PlaceOrderLine, PlaceOrderRequest};
 use shop_proto::types::v1::Money;
 use shop_proto::user::v1::RegisterUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
-use shop_server::auth::{AuthSettings, LocalTokens};
+use shop_server::auth::{AuthSettings, LocalTokens, signed};
 use shop_tests::TestDatabase;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -50,16 +50,6 @@ pub(crate) fn secret() -> &'static str {
 /// Tokens this run's services accept.
 fn tokens() -> LocalTokens {
     LocalTokens::new(&AuthSettings::shared_secret(secret())).expect("a secret is set")
-}
-
-/// `message` with `authorization: Bearer <token>`.
-fn signed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    let value = format!("Bearer {token}")
-        .parse()
-        .expect("a token is valid metadata");
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 /// Opens a gRPC connection to `addr`.

@@ -15,20 +15,11 @@ use shop_proto::order::v1::{
 use shop_proto::types::v1::Money;
 use shop_proto::user::v1::RegisterUserRequest;
 use shop_proto::user::v1::user_service_client::UserServiceClient;
-use shop_server::auth::{AuthSettings, LocalTokens};
+use shop_server::auth::{AuthSettings, LocalTokens, signed};
 use tonic::transport::Channel;
 
 fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
     Ok(Channel::from_shared(format!("http://{addr}"))?.connect_lazy())
-}
-
-/// `message` with `authorization: Bearer <token>`.
-fn signed<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
 }
 
 fn eur(amount_minor: i64) -> Option<Money> {

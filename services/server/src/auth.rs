@@ -200,7 +200,8 @@ pub struct Authenticator {
 #[derive(Debug)]
 struct Keys {
     secret: Option<DecodingKey>,
-    jwks: JwkSet,
+    /// The JWKS file's keys, made usable once, with their `kid`s.
+    public: Vec<(Option<String>, DecodingKey)>,
     issuer: String,
     audience: String,
 }
@@ -215,21 +216,25 @@ impl Authenticator {
             );
             return Ok(Self { inner: None });
         }
-        let jwks = match &settings.auth_jwks_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("failed to read {}", path.display()))?;
-                serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not a JSON Web Key Set", path.display()))?
+        let mut public = Vec::new();
+        if let Some(path) = &settings.auth_jwks_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("failed to read {}", path.display()))?;
+            let jwks: JwkSet = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a JSON Web Key Set", path.display()))?;
+            for jwk in &jwks.keys {
+                let kid = jwk.common.key_id.clone();
+                let key = DecodingKey::from_jwk(jwk)
+                    .with_context(|| format!("key {kid:?} of {} is not usable", path.display()))?;
+                public.push((kid, key));
             }
-            None => JwkSet { keys: Vec::new() },
-        };
+        }
         let secret = settings
             .auth_hs256_secret
             .as_deref()
             .filter(|secret| !secret.is_empty());
         anyhow::ensure!(
-            secret.is_some() || !jwks.keys.is_empty(),
+            secret.is_some() || !public.is_empty(),
             "no keys to verify tokens with: set --auth-jwks-file or --auth-hs256-secret \
              (or --auth-disabled true for a local demo)"
         );
@@ -242,7 +247,7 @@ impl Authenticator {
         Ok(Self {
             inner: Some(Arc::new(Keys {
                 secret: secret.map(|secret| DecodingKey::from_secret(secret.as_bytes())),
-                jwks,
+                public,
                 issuer: settings.auth_issuer.clone(),
                 audience: settings.auth_audience.clone(),
             })),
@@ -270,7 +275,7 @@ impl Authenticator {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = LEEWAY.as_secs();
-        let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
             .map_err(|error| Status::unauthenticated(rejection(error.kind())))?
             .claims;
         if claims.scope.contains(STAFF_SCOPE) {
@@ -283,24 +288,24 @@ impl Authenticator {
 }
 
 impl Keys {
-    fn key_for(&self, header: &Header) -> Result<DecodingKey, Status> {
+    fn key_for(&self, header: &Header) -> Result<&DecodingKey, Status> {
         match header.alg {
-            Algorithm::HS256 => self.secret.clone().ok_or_else(|| {
+            Algorithm::HS256 => self.secret.as_ref().ok_or_else(|| {
                 Status::unauthenticated("HS256 tokens are not accepted by this service")
             }),
             Algorithm::HS384 | Algorithm::HS512 => Err(Status::unauthenticated(
                 "only HS256 is accepted among shared-secret algorithms",
             )),
-            _ => {
-                let jwk = match &header.kid {
-                    Some(kid) => self.jwks.find(kid),
-                    None if self.jwks.keys.len() == 1 => self.jwks.keys.first(),
-                    None => None,
-                }
-                .ok_or_else(|| Status::unauthenticated("the token's signing key is not known"))?;
-                DecodingKey::from_jwk(jwk)
-                    .map_err(|_| Status::unauthenticated("the token's signing key is not usable"))
+            _ => match &header.kid {
+                Some(kid) => self
+                    .public
+                    .iter()
+                    .find(|(id, _)| id.as_deref() == Some(kid.as_str()))
+                    .map(|(_, key)| key),
+                None if self.public.len() == 1 => self.public.first().map(|(_, key)| key),
+                None => None,
             }
+            .ok_or_else(|| Status::unauthenticated("the token's signing key is not known")),
         }
     }
 }
@@ -398,6 +403,17 @@ impl LocalTokens {
     }
 }
 
+/// `message` with `authorization: Bearer <token>`, for clients. A token
+/// that cannot be metadata (not a JWT) is left out, and the server answers
+/// UNAUTHENTICATED.
+pub fn signed<T>(token: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
 /// A random secret for a local run, 32 bytes as hex.
 pub fn random_secret() -> String {
     format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
@@ -480,6 +496,52 @@ mod tests {
             auth.authenticate(Some(&listed)).unwrap(),
             Caller::Staff("ops".into())
         );
+    }
+
+    #[test]
+    fn tokens_signed_by_an_identity_provider_key_in_the_jwks_file_are_accepted() {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let signing = EncodingKey::from_ec_der(&pair.serialize_der());
+        let mut jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&signing, Algorithm::ES256).unwrap();
+        jwk.common.key_id = Some("idp-1".into());
+        let path = std::env::temp_dir().join(format!("{}-jwks.json", Uuid::new_v4()));
+        std::fs::write(
+            &path,
+            serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap(),
+        )
+        .unwrap();
+        let auth = Authenticator::from_settings(&AuthSettings {
+            auth_jwks_file: Some(path.clone()),
+            auth_issuer: "shop".into(),
+            auth_audience: "shop".into(),
+            ..AuthSettings::default()
+        })
+        .unwrap();
+        let _ = std::fs::remove_file(path);
+
+        let id = Uuid::now_v7();
+        let claims = serde_json::json!({
+            "sub": id.to_string(), "iss": "shop", "aud": "shop",
+            "exp": jsonwebtoken::get_current_timestamp() + 600,
+        });
+        let sign = |kid: &str| {
+            let header = Header {
+                kid: Some(kid.into()),
+                ..Header::new(Algorithm::ES256)
+            };
+            bearer(&jsonwebtoken::encode(&header, &claims, &signing).unwrap())
+        };
+        assert_eq!(
+            auth.authenticate(Some(&sign("idp-1"))).unwrap(),
+            Caller::Customer(id)
+        );
+        let unknown = auth.authenticate(Some(&sign("idp-2"))).unwrap_err();
+        assert!(unknown.message().contains("not known"), "{unknown:?}");
+        // Without a configured secret, HS256 tokens are refused outright.
+        let hs = LocalTokens::new(&settings()).unwrap().customer(id);
+        let refused = auth.authenticate(Some(&bearer(&hs))).unwrap_err();
+        assert!(refused.message().contains("HS256"), "{refused:?}");
     }
 
     #[test]

@@ -17,6 +17,28 @@ fn write_temp(name: &str, contents: &str) -> PathBuf {
     path
 }
 
+type Server = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// A server with health only, on a free port, serving `tls`.
+async fn serve(
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> anyhow::Result<(u16, CancellationToken, Server)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(shop_server::grpc::serve(
+        listener,
+        tonic::service::Routes::default(),
+        &[],
+        shop_server::grpc::Serving {
+            tls,
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
+    Ok((port, shutdown, server))
+}
+
 #[tokio::test]
 async fn a_server_with_a_certificate_serves_tls_to_clients_that_trust_it() -> anyhow::Result<()> {
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
@@ -32,19 +54,7 @@ async fn a_server_with_a_certificate_serves_tls_to_clients_that_trust_it() -> an
     let tls = settings.load()?;
     assert!(tls.is_some());
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(shop_server::grpc::serve(
-        listener,
-        tonic::service::Routes::default(),
-        &[],
-        shop_server::grpc::Serving {
-            tls,
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
+    let (port, shutdown, server) = serve(tls).await?;
 
     // The client side of this process uses the same TLS provider.
     shop_server::grpc::install_crypto_provider();
@@ -141,19 +151,7 @@ async fn with_a_client_ca_only_clients_holding_its_certificates_connect() -> any
     }
     .load()?;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(shop_server::grpc::serve(
-        listener,
-        tonic::service::Routes::default(),
-        &[],
-        shop_server::grpc::Serving {
-            tls,
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
+    let (port, shutdown, server) = serve(tls).await?;
     shop_server::grpc::install_crypto_provider();
     let check = |identity: Option<(String, String)>| {
         let ca_pem = ca.pem.clone();
