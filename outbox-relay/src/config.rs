@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
+use shop_broker::BrokerSettings;
 
 /// Publishes a service's outbox to RabbitMQ: at least once, in order per
 /// aggregate, with publisher confirms. Run one or more next to each service
@@ -62,14 +63,9 @@ pub struct RelaySettings {
     )]
     pub database_url: String,
 
-    /// RabbitMQ broker (amqp:// or amqps://).
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: String,
+    /// The broker: its node URLs and TLS settings.
+    #[command(flatten)]
+    pub broker: BrokerSettings,
 
     /// Topic exchange the events are published to; declared durable if missing.
     #[arg(long, env = "OUTBOX_RELAY_EXCHANGE", default_value = "shop.events")]
@@ -179,10 +175,7 @@ impl RelaySettings {
 
     /// Checks values that clap cannot check alone.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://"),
-            "--amqp-url must start with amqp:// or amqps://"
-        );
+        self.broker.validate()?;
         anyhow::ensure!(
             self.database_url.starts_with("postgres://")
                 || self.database_url.starts_with("postgresql://"),

@@ -13,12 +13,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use anyhow::Context;
 use chrono::Utc;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use shop_broker::BrokerSettings;
 
 use crate::store::{Failure, PendingRow};
 
@@ -62,32 +62,39 @@ pub struct BatchOutcome {
 }
 
 impl Publisher {
-    /// Connects, enables publisher confirms and declares the exchange.
+    /// Connects (each node of `broker` within its connect timeout), then
+    /// enables publisher confirms and declares the exchange within
+    /// `confirm_timeout`.
     pub async fn connect(
-        amqp_url: &str,
+        broker: &BrokerSettings,
         exchange: &str,
         source: &str,
         max_payload_bytes: usize,
         confirm_timeout: Duration,
-    ) -> lapin::Result<Self> {
-        let properties =
-            ConnectionProperties::default().with_connection_name("outbox-relay".into());
-        let connection = Connection::connect(amqp_url, properties).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        channel
-            .exchange_declare(
-                exchange.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+    ) -> anyhow::Result<Self> {
+        let connection = broker.connect("outbox-relay").await?;
+        let setup = async {
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            channel
+                .exchange_declare(
+                    exchange.into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            lapin::Result::Ok(channel)
+        };
+        let channel = tokio::time::timeout(confirm_timeout, setup)
+            .await
+            .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {confirm_timeout:?}"))?
+            .context("failed to open a confirmed channel and declare the exchange")?;
         Ok(Self {
             connection,
             channel,

@@ -219,24 +219,17 @@ impl Worker {
         let limit = settings.lease_timeout;
         // The broker first: the lease connection must not sit idle (and be
         // ended by the server) while a slow broker answers.
-        let publisher = tokio::time::timeout(
+        let connect = Publisher::connect(
+            &settings.broker,
+            &settings.exchange,
+            &settings.source,
+            settings.max_payload_bytes,
             settings.confirm_timeout,
-            Publisher::connect(
-                &settings.amqp_url,
-                &settings.exchange,
-                &settings.source,
-                settings.max_payload_bytes,
-                settings.confirm_timeout,
-            ),
-        )
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "RabbitMQ did not answer within {:?}",
-                settings.confirm_timeout
-            )
-        })?
-        .context("failed to connect to RabbitMQ")?;
+        );
+        let publisher = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            publisher = connect => publisher?,
+        };
         let mut conn = within(limit, async {
             options
                 .connect()

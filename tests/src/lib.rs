@@ -12,10 +12,13 @@
 //!
 //! Set `TEST_LOG=1` to see the code under test's tracing output.
 
+pub mod pki;
 mod private_broker;
+mod private_postgres;
 mod proxy;
 
-pub use private_broker::PrivateBroker;
+pub use private_broker::{BrokerTls, PrivateBroker};
+pub use private_postgres::PrivatePostgres;
 pub use proxy::{Proxy, target_of};
 
 use std::sync::Once;
@@ -73,15 +76,24 @@ pub async fn servers() -> &'static Servers {
         .await
 }
 
+/// Image tags of the containers: the relay's lease needs PostgreSQL 14 or
+/// later (`idle_session_timeout`), and quorum dead-lettering RabbitMQ 3.10
+/// or later; the modules' defaults are older.
+pub(crate) const POSTGRES_TAG: &str = "17-alpine";
+pub(crate) const RABBITMQ_TAG: &str = "3.13-management";
+
 async fn start_containers() -> Result<Servers> {
+    use testcontainers_modules::testcontainers::ImageExt;
     use testcontainers_modules::testcontainers::runners::AsyncRunner;
     let containers = CONTAINERS
         .get_or_try_init(|| async {
             let postgres = testcontainers_modules::postgres::Postgres::default()
+                .with_tag(POSTGRES_TAG)
                 .start()
                 .await
                 .context("failed to start the PostgreSQL container")?;
             let rabbitmq = testcontainers_modules::rabbitmq::RabbitMq::default()
+                .with_tag(RABBITMQ_TAG)
                 .start()
                 .await
                 .context("failed to start the RabbitMQ container")?;
@@ -142,9 +154,14 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// Creates an empty database and applies `migrator` to it.
     pub async fn create(migrator: &Migrator) -> Result<Self> {
-        let servers = servers().await;
+        Self::create_on(&servers().await.database_url, migrator).await
+    }
+
+    /// Creates an empty database on the server `admin_url` connects to (for
+    /// example a [`PrivatePostgres`]) and applies `migrator` to it.
+    pub async fn create_on(admin_url: &str, migrator: &Migrator) -> Result<Self> {
         let name = format!("test_{}", Uuid::new_v4().simple());
-        let admin: PgConnectOptions = servers.database_url.parse()?;
+        let admin: PgConnectOptions = admin_url.parse()?;
         let mut conn = admin
             .connect()
             .await
@@ -155,7 +172,7 @@ impl TestDatabase {
         conn.close().await?;
 
         let options = admin.clone().database(&name);
-        let url = options.to_url_lossy().to_string();
+        let url = shop_server::database::url_for_database(admin_url, &name)?;
         let pool = PgPoolOptions::new()
             .max_connections(10)
             .connect_with(options)
@@ -168,7 +185,7 @@ impl TestDatabase {
             url,
             pool,
             name,
-            admin_url: servers.database_url.clone(),
+            admin_url: admin_url.to_owned(),
         })
     }
 

@@ -9,14 +9,17 @@
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use shop_broker::BrokerSettings;
 use testcontainers_modules::rabbitmq::RabbitMq;
 use testcontainers_modules::testcontainers::ContainerAsync;
 use uuid::Uuid;
+
+use crate::pki::{Authority, Issued};
 
 /// Where Debian's RabbitMQ keeps the scripts that run as the calling user
 /// (`/usr/sbin/rabbitmq*` switch to the `rabbitmq` user).
@@ -28,9 +31,18 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
 /// A RabbitMQ node started for one test, stopped when dropped.
 #[derive(Debug)]
 pub struct PrivateBroker {
-    /// AMQP URI of the node.
+    /// AMQP URI of the node (`amqps://` when it serves TLS).
     pub url: String,
     node: Node,
+}
+
+/// TLS for a private node: it takes only TLS connections, with a
+/// certificate for 127.0.0.1 and localhost issued by `authority`.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerTls<'a> {
+    pub authority: &'a Authority,
+    /// Refuse clients without a certificate from `authority`.
+    pub require_client_certificate: bool,
 }
 
 #[derive(Debug)]
@@ -51,8 +63,21 @@ struct LocalNode {
 impl PrivateBroker {
     /// Starts a node and waits until it accepts connections.
     pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts a node that serves only AMQPS and waits until it is up.
+    pub async fn start_tls(tls: BrokerTls<'_>) -> Result<Self> {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<BrokerTls<'_>>) -> Result<Self> {
+        let certificates = match tls {
+            Some(tls) => Some(TlsFiles::new(tls)?),
+            None => None,
+        };
         if crate::servers().await.containers.is_some() {
-            return Self::start_container().await;
+            return Self::start_container(certificates).await;
         }
         let dir = std::env::temp_dir().join(format!("shop-rabbitmq-{}", Uuid::new_v4().simple()));
         let home = dir.join("home");
@@ -62,11 +87,18 @@ impl PrivateBroker {
         std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
         std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
-        std::fs::write(dir.join("rabbitmq.conf"), "")?;
         let [amqp_port, dist_port, epmd_port, cli_port] = free_ports()?;
+        let config = match &certificates {
+            Some(files) => {
+                files.write(&dir)?;
+                files.config(&dir, &format!("127.0.0.1:{amqp_port}"))
+            }
+            None => String::new(),
+        };
+        std::fs::write(dir.join("rabbitmq.conf"), config)?;
         let name = format!("shop{amqp_port}@localhost");
         let path = |p: &str| dir.join(p).display().to_string();
-        let env = vec![
+        let mut env = vec![
             ("HOME", home.display().to_string()),
             ("RABBITMQ_CONF_ENV_FILE", path("rabbitmq-env.conf")),
             ("RABBITMQ_CONFIG_FILE", path("rabbitmq.conf")),
@@ -74,14 +106,16 @@ impl PrivateBroker {
             ("RABBITMQ_MNESIA_BASE", path("mnesia")),
             ("RABBITMQ_LOG_BASE", path("log")),
             ("RABBITMQ_NODENAME", name.clone()),
-            ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_owned()),
-            ("RABBITMQ_NODE_PORT", amqp_port.to_string()),
             ("RABBITMQ_DIST_PORT", dist_port.to_string()),
             ("ERL_EPMD_PORT", epmd_port.to_string()),
             ("ERL_EPMD_ADDRESS", "127.0.0.1".to_owned()),
             ("RABBITMQ_CTL_DIST_PORT_MIN", cli_port.to_string()),
             ("RABBITMQ_CTL_DIST_PORT_MAX", cli_port.to_string()),
         ];
+        if certificates.is_none() {
+            env.push(("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_owned()));
+            env.push(("RABBITMQ_NODE_PORT", amqp_port.to_string()));
+        }
         // The node's own port mapper, started here rather than by the node
         // (which would daemonise it beyond reach).
         let mut epmd = Command::new("epmd")
@@ -106,8 +140,13 @@ impl PrivateBroker {
                 return Err(error).context("failed to start rabbitmq-server");
             }
         };
+        let scheme = if certificates.is_some() {
+            "amqps"
+        } else {
+            "amqp"
+        };
         let broker = Self {
-            url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"),
+            url: format!("{scheme}://guest:guest@127.0.0.1:{amqp_port}/%2f"),
             node: Node::Local(LocalNode {
                 name,
                 dir,
@@ -120,18 +159,58 @@ impl PrivateBroker {
         Ok(broker)
     }
 
-    async fn start_container() -> Result<Self> {
+    async fn start_container(certificates: Option<TlsFiles>) -> Result<Self> {
+        use testcontainers_modules::testcontainers::ImageExt;
         use testcontainers_modules::testcontainers::runners::AsyncRunner;
-        let container = RabbitMq::default()
-            .start()
-            .await
-            .context("failed to start a RabbitMQ container")?;
+        let image = RabbitMq::default().with_tag(crate::RABBITMQ_TAG);
+        let container = match &certificates {
+            None => image.start().await,
+            Some(files) => {
+                let dir = Path::new("/etc/rabbitmq");
+                image
+                    .with_copy_to("/etc/rabbitmq/ca.pem", files.ca.clone().into_bytes())
+                    .with_copy_to(
+                        "/etc/rabbitmq/server.pem",
+                        files.server.cert.clone().into_bytes(),
+                    )
+                    .with_copy_to(
+                        "/etc/rabbitmq/server.key",
+                        files.server.key.clone().into_bytes(),
+                    )
+                    .with_copy_to(
+                        "/etc/rabbitmq/conf.d/20-tls.conf",
+                        files.config(dir, "5671").into_bytes(),
+                    )
+                    .start()
+                    .await
+            }
+        }
+        .context("failed to start a RabbitMQ container")?;
         let host = container.get_host().await?;
-        let port = container.get_host_port_ipv4(5672).await?;
+        let url = match certificates {
+            None => {
+                let port = container.get_host_port_ipv4(5672).await?;
+                format!("amqp://guest:guest@{host}:{port}/%2f")
+            }
+            Some(_) => {
+                let port = container.get_host_port_ipv4(5671).await?;
+                format!("amqps://guest:guest@{host}:{port}/%2f")
+            }
+        };
         Ok(Self {
-            url: format!("amqp://guest:guest@{host}:{port}/%2f"),
+            url,
             node: Node::Container(Box::new(container)),
         })
+    }
+
+    /// Client settings for this node: its URL and, for a TLS node, the
+    /// authority to trust and the client certificate to present.
+    pub fn client(&self, ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> BrokerSettings {
+        let mut settings = BrokerSettings::new(&self.url);
+        settings.amqp_ca_file = ca.map(Path::to_path_buf);
+        settings.amqp_client_cert = identity.map(|(cert, _)| cert.to_path_buf());
+        settings.amqp_client_key = identity.map(|(_, key)| key.to_path_buf());
+        settings
     }
 
     /// Stops the RabbitMQ application: clients lose their connections and
@@ -200,6 +279,51 @@ impl Drop for LocalNode {
         let _ = self.epmd.kill();
         let _ = self.epmd.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The certificates of a TLS node.
+#[derive(Debug)]
+struct TlsFiles {
+    ca: String,
+    server: Issued,
+    require_client_certificate: bool,
+}
+
+impl TlsFiles {
+    fn new(tls: BrokerTls<'_>) -> Result<Self> {
+        Ok(Self {
+            ca: tls.authority.pem.clone(),
+            server: tls.authority.issue(&["localhost", "127.0.0.1"])?,
+            require_client_certificate: tls.require_client_certificate,
+        })
+    }
+
+    /// Writes the certificate files into `dir`.
+    fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::write(dir.join("ca.pem"), &self.ca)?;
+        std::fs::write(dir.join("server.pem"), &self.server.cert)?;
+        std::fs::write(dir.join("server.key"), &self.server.key)?;
+        Ok(())
+    }
+
+    /// The node's TLS configuration: its files in `dir`, and a TLS-only
+    /// listener on `listener`.
+    fn config(&self, dir: &Path, listener: &str) -> String {
+        let path = |name: &str| dir.join(name).display().to_string();
+        format!(
+            "listeners.tcp = none\n\
+             listeners.ssl.default = {listener}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_peer\n\
+             ssl_options.fail_if_no_peer_cert = {}\n",
+            path("ca.pem"),
+            path("server.pem"),
+            path("server.key"),
+            self.require_client_certificate,
+        )
     }
 }
 

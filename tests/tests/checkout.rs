@@ -1098,3 +1098,94 @@ async fn staff_cancelling_a_confirmed_order_restocks_refunds_and_clears_the_purc
     .await?;
     system.stop().await
 }
+
+#[tokio::test]
+async fn the_checkout_runs_over_verified_tls_to_postgres_and_rabbitmq_and_plaintext_is_refused()
+-> Result<()> {
+    use shop_tests::pki::{Authority, write_file};
+    use shop_tests::{BrokerTls, PrivateBroker, PrivatePostgres};
+    use sqlx::Connection as _;
+
+    let ca = Authority::new("shop test CA")?;
+    let postgres = PrivatePostgres::start_tls(&ca).await?;
+    let broker = PrivateBroker::start_tls(BrokerTls {
+        authority: &ca,
+        require_client_certificate: true,
+    })
+    .await?;
+    let ca_file = write_file(None, "ca.pem", &ca.pem)?;
+    let services = ca.issue(&["shop-services"])?;
+    let cert_file = write_file(None, "client.pem", &services.cert)?;
+    let key_file = write_file(None, "client.key", &services.key)?;
+    let stranger = Authority::new("stranger CA")?;
+    let stranger_ca = write_file(None, "stranger-ca.pem", &stranger.pem)?;
+
+    // PostgreSQL: only TLS gets in, and only to a client that verifies the
+    // server against the right authority.
+    let refused = sqlx::PgConnection::connect(&postgres.url("postgres", "disable")).await;
+    assert!(
+        refused.is_err(),
+        "a plaintext PostgreSQL connection was let in"
+    );
+    let foreign = postgres.url("postgres", "verify-full").replace(
+        &postgres.ca_file.display().to_string(),
+        &stranger_ca.display().to_string(),
+    );
+    assert!(
+        sqlx::PgConnection::connect(&foreign).await.is_err(),
+        "a server certificate from another authority was accepted"
+    );
+
+    // RabbitMQ: the node listens for AMQPS only (no plaintext listener at
+    // all), and lets in only clients that trust the private CA and present
+    // a certificate from it.
+    let mut settings = broker.client(Some(&ca_file), Some((&cert_file, &key_file)));
+    settings.amqp_connect_timeout = Duration::from_secs(10);
+    let mut plaintext = settings.clone();
+    plaintext.amqp_url = broker.url.replace("amqps://", "amqp://");
+    let mut without_identity = settings.clone();
+    without_identity.amqp_client_cert = None;
+    without_identity.amqp_client_key = None;
+    let mut system_roots = settings.clone();
+    system_roots.amqp_ca_file = None;
+    for (what, refused) in [
+        ("plaintext AMQP", plaintext),
+        ("AMQPS without a client certificate", without_identity),
+        ("AMQPS trusting only the system's roots", system_roots),
+    ] {
+        assert!(refused.connect("test").await.is_err(), "{what} was let in");
+    }
+
+    let system = System::start_with(Options {
+        database_admin_url: Some(postgres.url("postgres", "verify-full")),
+        broker: Some(settings),
+        ..Options::default()
+    })
+    .await?;
+    let customer = register(&system, "tls@example.com").await?;
+    let widget = product(&system, "TLS-1", 1_500, 5).await?;
+    let order = place(&system, request(&customer, &[(&widget, 2)], "tls-1")).await?;
+    let order = wait_for(&system, &order.order_id, OrderStatus::Confirmed).await?;
+    assert_eq!(order.total, eur(3_000));
+
+    // Every session of the services and relays on the server is encrypted.
+    let mut admin = sqlx::PgConnection::connect(&postgres.url("postgres", "verify-full")).await?;
+    let (encrypted, plain): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname LIKE 'test_%'",
+    )
+    .fetch_one(&mut admin)
+    .await?;
+    assert!(encrypted >= 10, "only {encrypted} encrypted sessions");
+    assert_eq!(plain, 0);
+    // ...and verified: each service's URL kept the mode and the CA.
+    for db in [&system.order_db, &system.inventory_db, &system.user_db] {
+        assert!(db.url.contains("sslmode=verify-full"), "{}", db.url);
+        assert!(db.url.contains("sslrootcert="), "{}", db.url);
+    }
+    system.stop().await?;
+    for file in [ca_file, cert_file, key_file, stranger_ca] {
+        let _ = std::fs::remove_file(file);
+    }
+    Ok(())
+}

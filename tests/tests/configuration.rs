@@ -40,3 +40,22 @@ fn a_malformed_address_is_refused_with_the_flag_named() {
         .unwrap_err();
     assert!(error.to_string().contains("--grpc-addr"), "{error}");
 }
+
+#[test]
+fn a_broker_client_certificate_needs_its_key_and_several_nodes_are_accepted() {
+    let error = user_service::Settings::try_parse_from([
+        "user-service",
+        "--amqp-client-cert",
+        "/etc/shop/client.pem",
+    ])
+    .unwrap_err();
+    assert!(error.to_string().contains("--amqp-client-key"), "{error}");
+
+    let user = user_service::Settings::try_parse_from([
+        "user-service",
+        "--amqp-url",
+        "amqps://a:5671/%2f,amqps://b:5671/%2f",
+    ])
+    .unwrap();
+    assert_eq!(user.subscriber.broker.nodes().len(), 2);
+}

@@ -144,7 +144,7 @@ impl Setup {
     pub fn spawn_relay_process(&self, settings: &RelaySettings) -> RelayProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
             .env("DATABASE_URL", &settings.database_url)
-            .env("AMQP_URL", &settings.amqp_url)
+            .env("AMQP_URL", &settings.broker.amqp_url)
             .env("OUTBOX_RELAY_EXCHANGE", &settings.exchange)
             .env("OUTBOX_RELAY_SOURCE", &settings.source)
             .env("OUTBOX_RELAY_BATCH_SIZE", settings.batch_size.to_string())

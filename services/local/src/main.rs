@@ -160,7 +160,10 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("failed to create database {service}"))?;
         }
-        urls.push(admin.clone().database(service).to_url_lossy().to_string());
+        urls.push(shop_server::database::url_for_database(
+            &cli.database_url,
+            service,
+        )?);
     }
     conn.close().await?;
 
@@ -242,7 +245,8 @@ async fn main() -> anyhow::Result<()> {
     tasks.spawn(user.run_until_stopped(shutdown.clone()));
 
     for (i, (service, url)) in SERVICES.iter().zip(&urls).enumerate() {
-        let mut settings = RelaySettings::new(url, &cli.subscriber.amqp_url);
+        let mut settings = RelaySettings::new(url, &cli.subscriber.broker.amqp_url);
+        settings.broker = cli.subscriber.broker.clone();
         settings.exchange = cli.subscriber.exchange.clone();
         settings.source = format!("{service}-service");
         settings.health_addr = addr(20 + i as u16);

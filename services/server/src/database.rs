@@ -52,3 +52,58 @@ pub async fn connect_and_migrate(
         .context("failed to migrate the database")?;
     Ok(pool)
 }
+
+/// `url` with its database replaced by `name`, every parameter kept, for
+/// deriving each service's database URL from one server URL.
+/// (`PgConnectOptions::to_url_lossy` writes certificate paths such as
+/// `sslrootcert` in a form its own parser reads back as another path.)
+pub fn url_for_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let (scheme, rest) = base
+        .split_once("://")
+        .context("a database URL needs a scheme")?;
+    let authority = rest
+        .split_once('/')
+        .map_or(rest, |(authority, _)| authority);
+    // A `dbname` parameter would override the path.
+    let query = query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty() && !pair.starts_with("dbname="))
+        .collect::<Vec<_>>()
+        .join("&");
+    Ok(if query.is_empty() {
+        format!("{scheme}://{authority}/{name}")
+    } else {
+        format!("{scheme}://{authority}/{name}?{query}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_for_database;
+
+    #[test]
+    fn the_database_is_replaced_and_tls_parameters_kept() {
+        let url = "postgres://u:p@db:5432/postgres?sslmode=verify-full&sslrootcert=/etc/ca.pem";
+        assert_eq!(
+            url_for_database(url, "order").unwrap(),
+            "postgres://u:p@db:5432/order?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+        );
+        assert_eq!(
+            url_for_database("postgres://db", "user").unwrap(),
+            "postgres://db/user"
+        );
+        let options: sqlx::postgres::PgConnectOptions =
+            url_for_database(url, "order").unwrap().parse().unwrap();
+        assert_eq!(options.get_database(), Some("order"));
+        assert!(url_for_database("db:5432/x", "order").is_err());
+        assert_eq!(
+            url_for_database("postgres://db/?dbname=postgres&sslmode=require", "order").unwrap(),
+            "postgres://db/order?sslmode=require"
+        );
+    }
+}

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use shop_server::grpc::TlsSettings;
+use shop_tests::pki::{Authority, Issued};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -12,9 +13,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 fn write_temp(name: &str, contents: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("{}-{name}", uuid::Uuid::new_v4()));
-    std::fs::write(&path, contents).unwrap();
-    path
+    shop_tests::pki::write_file(None, name, contents).unwrap()
 }
 
 type Server = tokio::task::JoinHandle<anyhow::Result<()>>;
@@ -103,47 +102,22 @@ fn a_missing_certificate_file_is_named_at_start_up() {
     );
 }
 
-/// A private CA, and certificates it issued.
-struct Authority {
-    params: rcgen::CertificateParams,
-    key: rcgen::KeyPair,
-    pem: String,
-}
-
-impl Authority {
-    fn new() -> anyhow::Result<Self> {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "shop test CA");
-        let key = rcgen::KeyPair::generate()?;
-        let pem = params.self_signed(&key)?.pem();
-        Ok(Self { params, key, pem })
-    }
-
-    /// A certificate and its key, for `names`.
-    fn issue(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
-        let key = rcgen::KeyPair::generate()?;
-        let params = rcgen::CertificateParams::new(
-            names
-                .iter()
-                .map(|name| (*name).to_owned())
-                .collect::<Vec<_>>(),
-        )?;
-        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-}
-
 #[tokio::test]
 async fn with_a_client_ca_only_clients_holding_its_certificates_connect() -> anyhow::Result<()> {
-    let ca = Authority::new()?;
-    let (server_cert, server_key) = ca.issue(&["localhost"])?;
-    let (client_cert, client_key) = ca.issue(&["shop-client"])?;
-    let stranger = Authority::new()?;
-    let (stranger_cert, stranger_key) = stranger.issue(&["stranger"])?;
+    let ca = Authority::new("shop test CA")?;
+    let Issued {
+        cert: server_cert,
+        key: server_key,
+    } = ca.issue(&["localhost"])?;
+    let Issued {
+        cert: client_cert,
+        key: client_key,
+    } = ca.issue(&["shop-client"])?;
+    let stranger = Authority::new("stranger CA")?;
+    let Issued {
+        cert: stranger_cert,
+        key: stranger_key,
+    } = stranger.issue(&["stranger"])?;
     let tls = TlsSettings {
         tls_cert: Some(write_temp("cert.pem", &server_cert)),
         tls_key: Some(write_temp("key.pem", &server_key)),

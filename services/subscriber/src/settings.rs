@@ -4,20 +4,16 @@
 use std::time::Duration;
 
 use clap::Args;
+use shop_broker::BrokerSettings;
 
 use crate::topology::QueueKind;
 
 /// How a service consumes its events.
 #[derive(Debug, Clone, Args)]
 pub struct SubscriberSettings {
-    /// RabbitMQ broker (amqp:// or amqps://).
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: String,
+    /// The broker: its node URLs and TLS settings.
+    #[command(flatten)]
+    pub broker: BrokerSettings,
 
     /// Topic exchange the events are published on.
     #[arg(long, env = "EVENTS_EXCHANGE", default_value = "shop.events")]
@@ -68,7 +64,7 @@ pub struct SubscriberSettings {
 }
 
 impl SubscriberSettings {
-    /// Settings for the given broker with every other value at its default.
+    /// Settings for the given broker URL(s) with every other value at its default.
     pub fn new(amqp_url: &str) -> Self {
         #[derive(clap::Parser)]
         struct Wrapper {

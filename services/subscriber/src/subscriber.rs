@@ -41,7 +41,7 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -255,12 +255,13 @@ impl Subscriber {
     /// Declares the topology without consuming, so events published before
     /// the first run are kept for this subscriber.
     pub async fn declare(&self) -> anyhow::Result<()> {
-        let conn = Connection::connect(
-            &self.inner.settings.amqp_url,
-            ConnectionProperties::default(),
-        )
-        .await
-        .context("failed to connect to RabbitMQ")?;
+        self.inner.settings.broker.validate()?;
+        let conn = self
+            .inner
+            .settings
+            .broker
+            .connect(&self.inner.consumer)
+            .await?;
         let channel = conn.create_channel().await?;
         self.inner.topology.declare(&channel).await?;
         let _ = conn.close(200, "OK".into()).await;
@@ -304,11 +305,10 @@ impl Subscriber {
 
     async fn session(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let inner = &self.inner;
-        let properties =
-            ConnectionProperties::default().with_connection_name(inner.consumer.as_str().into());
-        let conn = Connection::connect(&inner.settings.amqp_url, properties)
-            .await
-            .context("failed to connect to RabbitMQ")?;
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            conn = inner.settings.broker.connect(&inner.consumer) => conn?,
+        };
         let channel = conn.create_channel().await?;
         inner
             .topology
@@ -511,6 +511,10 @@ pub fn database_unavailable(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
+        // Not a healthy PostgreSQL at the other end, e.g. a proxy in front
+        // of a database that is down closing the connection before the TLS
+        // negotiation is answered.
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             code.starts_with("08") || code == "53300" || code.starts_with("57P0")

@@ -52,6 +52,18 @@ pub struct Options {
     pub auth_secret: Option<String>,
     /// The order service's saga timeout (15 minutes when unset).
     pub saga_timeout: Option<Duration>,
+    /// The databases' server, as its admin URL (the shared test server
+    /// when unset).
+    pub database_admin_url: Option<String>,
+    /// The broker and how to reach it (the shared test broker when unset).
+    pub broker: Option<shop_broker::BrokerSettings>,
+}
+
+async fn create_db(options: &Options, migrator: &sqlx::migrate::Migrator) -> Result<TestDatabase> {
+    match &options.database_admin_url {
+        Some(url) => TestDatabase::create_on(url, migrator).await,
+        None => TestDatabase::create(migrator).await,
+    }
 }
 
 impl System {
@@ -60,10 +72,16 @@ impl System {
     }
 
     pub async fn start_with(options: Options) -> Result<Self> {
-        let broker = TestBroker::new().await;
+        let broker = match &options.broker {
+            Some(settings) => TestBroker::on(&settings.amqp_url),
+            None => TestBroker::new().await,
+        };
         let exchange = broker.name("events");
         let prefix = broker.name("q");
         let mut subscriber = SubscriberSettings::new(&broker.url);
+        if let Some(settings) = &options.broker {
+            subscriber.broker = settings.clone();
+        }
         subscriber.exchange = exchange.clone();
         subscriber.queue_prefix = format!("{prefix}.");
         subscriber.retry_backoff = Duration::from_millis(100);
@@ -92,11 +110,11 @@ impl System {
         let mut tasks = Vec::new();
         let any: SocketAddr = "127.0.0.1:0".parse()?;
 
-        let order_db = TestDatabase::create(&order_service::migrator()).await?;
-        let inventory_db = TestDatabase::create(&inventory_service::migrator()).await?;
-        let payment_db = TestDatabase::create(&payment_service::migrator()).await?;
-        let notification_db = TestDatabase::create(&notification_service::migrator()).await?;
-        let user_db = TestDatabase::create(&user_service::migrator()).await?;
+        let order_db = create_db(&options, &order_service::migrator()).await?;
+        let inventory_db = create_db(&options, &inventory_service::migrator()).await?;
+        let payment_db = create_db(&options, &payment_service::migrator()).await?;
+        let notification_db = create_db(&options, &notification_service::migrator()).await?;
+        let user_db = create_db(&options, &user_service::migrator()).await?;
 
         for db in [
             &order_db,
@@ -106,6 +124,7 @@ impl System {
             &user_db,
         ] {
             let mut settings = RelaySettings::new(&db.url, &broker.url);
+            settings.broker = subscriber.broker.clone();
             settings.exchange = exchange.clone();
             settings.health_addr = any;
             settings.retry_backoff = Duration::from_millis(100);

@@ -1,20 +1,13 @@
 //! `shop-dlq`: list and re-publish the dead letters of a subscriber's queue.
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// Lists or replays the messages in `<queue>.dlq`.
 #[derive(Debug, Parser)]
 #[command(name = "shop-dlq", version)]
 struct Cli {
-    /// RabbitMQ broker.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    amqp_url: String,
+    #[command(flatten)]
+    broker: shop_broker::BrokerSettings,
 
     #[command(subcommand)]
     command: Command,
@@ -43,9 +36,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let conn = lapin::Connection::connect(&cli.amqp_url, lapin::ConnectionProperties::default())
-        .await
-        .context("failed to connect to RabbitMQ")?;
+    cli.broker.validate()?;
+    let conn = cli.broker.connect("shop-dlq").await?;
     match cli.command {
         Command::List { queue } => {
             let letters = shop_subscriber::dlq::list(&conn, &queue).await?;
