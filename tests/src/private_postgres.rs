@@ -197,16 +197,20 @@ impl Drop for PrivatePostgres {
             // A fast shutdown lets the server release its shared memory;
             // whatever is left after a few seconds is killed.
             let group = format!("-{}", process.id());
-            let _ = Command::new("kill")
-                .args(["-s", "INT", "--", &group])
-                .status();
+            let signal = |name: &str| {
+                let _ = Command::new("kill")
+                    .args(["-s", name, "--", &group])
+                    .stderr(Stdio::null())
+                    .status();
+            };
+            signal("INT");
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while matches!(process.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = Command::new("kill")
-                .args(["-s", "KILL", "--", &group])
-                .status();
+            if matches!(process.try_wait(), Ok(None)) {
+                signal("KILL");
+            }
             let _ = process.wait();
             let _ = std::fs::remove_dir_all(dir);
         }

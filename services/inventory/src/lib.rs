@@ -82,12 +82,15 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     let api = tonic::service::interceptor::InterceptedService::new(
         InventoryServiceServer::new(grpc::Inventory::new(foundation.pool.clone()))
             .max_decoding_message_size(shop_server::grpc::MAX_REQUEST_BYTES),
-        auth,
+        auth.clone(),
     );
     Ok(shop_server::Service::new(
         foundation.listener,
         &foundation.pool,
-        tonic::service::Routes::new(api),
+        tonic::service::Routes::new(api).add_service(shop_server::timeline::server(
+            foundation.pool.clone(),
+            auth.clone(),
+        )),
         SERVICE_NAME,
         [subscriber],
     )

@@ -15,7 +15,15 @@ use shop_subscriber::SubscriberSettings;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
-/// Runs the checkout locally: five services and their relays.
+/// The gateway's call settings at their defaults.
+#[derive(Debug, clap::Parser)]
+struct GatewayCalls {
+    #[command(flatten)]
+    calls: shop_gateway::upstream::CallSettings,
+}
+
+/// Runs the checkout locally: five services, their relays and the HTTP
+/// gateway.
 #[derive(Debug, Parser)]
 #[command(name = "shop-local", version)]
 struct Cli {
@@ -53,6 +61,9 @@ struct Cli {
     /// empty turns it off.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9460", value_parser = shop_server::metrics::parse_addr)]
     metrics_addr: std::option::Option<SocketAddr>,
+    /// Address of the HTTP/JSON gateway in front of the services.
+    #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
+    gateway_addr: SocketAddr,
     #[command(flatten)]
     subscriber: SubscriberSettings,
     #[command(flatten)]
@@ -94,11 +105,14 @@ async fn main() -> anyhow::Result<()> {
     if !keys_given && !cli.auth.auth_disabled {
         // The built-in secret is public: only for a checkout no one else
         // can reach.
+        let exposed = [cli.first_addr.ip(), cli.gateway_addr.ip()]
+            .into_iter()
+            .find(|ip| !ip.is_loopback());
         anyhow::ensure!(
-            cli.first_addr.ip().is_loopback() || cli.command.is_some(),
+            exposed.is_none() || cli.command.is_some(),
             "set AUTH_HS256_SECRET (or AUTH_JWKS_FILE): the built-in development secret is public \
              and {} is reachable from other hosts",
-            cli.first_addr.ip()
+            exposed.map(|ip| ip.to_string()).unwrap_or_default()
         );
         cli.auth.auth_hs256_secret = Some(LOCAL_SECRET.to_owned());
     }
@@ -258,9 +272,40 @@ async fn main() -> anyhow::Result<()> {
         );
         tasks.spawn(relay.run_until_stopped(shutdown.clone()));
     }
+    let url = |name: &str| -> Vec<String> {
+        table
+            .iter()
+            .filter(|(service, _)| *service == name)
+            .map(|(_, addr)| format!("http://{addr}"))
+            .collect()
+    };
+    let gateway = shop_gateway::build(shop_gateway::Settings {
+        addr: cli.gateway_addr,
+        order_url: url("order"),
+        inventory_url: url("inventory"),
+        payment_url: url("payment"),
+        notification_url: url("notification"),
+        user_url: url("user"),
+        metrics_addr: None,
+        drain_timeout: std::time::Duration::from_secs(10),
+        max_streams: 1000,
+        log_json: false,
+        calls: <GatewayCalls as clap::Parser>::parse_from(["gateway"]).calls,
+    })
+    .await?;
+    let gateway_addr = gateway.addr();
+    tasks.spawn(gateway.run_until_stopped(shutdown.clone()));
     for (service, addr) in &table {
         println!("{:<14} gRPC {addr}", format!("{service}-service"));
     }
+    println!(
+        "{:<14} HTTP http://{gateway_addr} (OpenAPI at /openapi.json)",
+        "gateway"
+    );
+    println!(
+        "{:<14} http://{gateway_addr}/orders/<order-id>/timeline#token=<staff token>",
+        "timeline page"
+    );
     println!("the checkout is running; ctrl-c stops it");
 
     while let Some(result) = tasks.join_next().await {

@@ -62,6 +62,14 @@ pub mod user {
     }
 }
 
+/// `shop.timeline.v1`: what each service handled of a business flow.
+pub mod timeline {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("shop.timeline.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every package, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("shop_descriptor");
 

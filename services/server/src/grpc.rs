@@ -372,7 +372,10 @@ pub async fn serve(
 /// Request paths of every method a server with `service_names` serves:
 /// theirs, health's and reflection's.
 fn known_methods(service_names: &[&str]) -> Vec<String> {
-    let mut methods = shop_proto::method_paths(shop_proto::FILE_DESCRIPTOR_SET, service_names);
+    let mut services = service_names.to_vec();
+    // Every service serves its timeline too.
+    services.push(shop_proto::timeline::v1::timeline_service_server::SERVICE_NAME);
+    let mut methods = shop_proto::method_paths(shop_proto::FILE_DESCRIPTOR_SET, &services);
     methods.extend(shop_proto::method_paths(
         tonic_health::pb::FILE_DESCRIPTOR_SET,
         &["grpc.health.v1.Health"],

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod timeline;
 pub mod validate;
 
 pub use error::ServiceError;

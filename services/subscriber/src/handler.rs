@@ -28,6 +28,9 @@ pub struct Metadata {
     pub correlation_id: Option<Uuid>,
     /// W3C trace context of the producer's span, if any.
     pub traceparent: Option<String>,
+    /// The producer (the CloudEvents `source`, e.g. `order-service`), if
+    /// it said.
+    pub source: Option<String>,
     /// 1 on the first delivery, 2 on the first retry, and so on.
     pub attempt: u32,
     /// The broker redelivered this message (an earlier consumer did not

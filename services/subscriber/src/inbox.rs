@@ -5,13 +5,16 @@ use std::time::Duration;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::handler::Metadata;
+
 /// The inbox table's migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/inbox");
 
-/// Records that `consumer` applies `message_id` in the current transaction,
-/// after taking the transaction-scoped lock of the message's aggregate
-/// (`aggregate`, see [`serial_key`]). Returns `false` if it was applied
-/// before (the caller must not apply it again).
+/// Records that `consumer` applies the message `metadata` describes in the
+/// current transaction, after taking the transaction-scoped lock of the
+/// message's aggregate (`aggregate`, see [`serial_key`]), with what a
+/// timeline of its flow shows (correlation id, producer, time). Returns
+/// `false` if it was applied before (the caller must not apply it again).
 ///
 /// The lock is what keeps one aggregate's events one at a time when several
 /// replicas consume the same queue: a second replica handling another event
@@ -22,22 +25,24 @@ pub async fn record(
     conn: &mut PgConnection,
     consumer: &str,
     aggregate: &str,
-    message_id: Uuid,
-    event_type: &str,
+    metadata: &Metadata,
 ) -> sqlx::Result<bool> {
     // One round trip: the lock is taken in a subquery the insert reads from.
     // Single-bigint advisory keys never collide with the relay's two-key
     // lease locks.
     let result = sqlx::query(
-        "INSERT INTO inbox (consumer, message_id, event_type) \
-         SELECT $1, $2, $3 \
+        "INSERT INTO inbox (consumer, message_id, event_type, correlation_id, source, occurred_at) \
+         SELECT $1, $2, $3, $5, $6, $7 \
          FROM (SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $4, 0))) AS serialised \
          ON CONFLICT DO NOTHING",
     )
     .bind(consumer)
-    .bind(message_id)
-    .bind(event_type)
+    .bind(metadata.message_id)
+    .bind(&metadata.event_type)
     .bind(aggregate)
+    .bind(metadata.correlation_id)
+    .bind(&metadata.source)
+    .bind(metadata.occurred_at)
     .execute(conn)
     .await?;
     Ok(result.rows_affected() == 1)

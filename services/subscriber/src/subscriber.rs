@@ -714,14 +714,7 @@ impl Inner {
         let span = self.span(metadata);
         async {
             let aggregate = inbox::serial_key(metadata.aggregate_id.as_deref(), metadata.message_id);
-            match inbox::record(
-                tx,
-                &self.consumer,
-                &aggregate,
-                metadata.message_id,
-                &metadata.event_type,
-            )
-            .await
+            match inbox::record(tx, &self.consumer, &aggregate, metadata).await
             {
                 Ok(true) => {}
                 Ok(false) => return Ok(Outcome::Duplicate),
@@ -779,7 +772,7 @@ impl Inner {
                 Err(error) => return Outcome::DatabaseUnavailable(error),
             };
             let aggregate = inbox::serial_key(metadata.aggregate_id.as_deref(), metadata.message_id);
-            match inbox::record(&mut tx, &self.consumer, &aggregate, metadata.message_id, &metadata.event_type).await {
+            match inbox::record(&mut tx, &self.consumer, &aggregate, &metadata).await {
                 Ok(true) => {}
                 Ok(false) => return Outcome::Duplicate,
                 // An outage, or a deadlock with another replica: try the
@@ -948,6 +941,8 @@ fn metadata(delivery: &Delivery) -> Result<Metadata, String> {
             .as_ref()
             .and_then(|id| Uuid::parse_str(id.as_str()).ok()),
         traceparent: header_str(properties, "traceparent"),
+        source: header_str(properties, "ce-source")
+            .or_else(|| properties.app_id().as_ref().map(|app| app.to_string())),
         attempt: attempt_of(properties),
         redelivered: delivery.redelivered,
     })

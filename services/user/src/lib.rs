@@ -77,12 +77,15 @@ pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
     let api = tonic::service::interceptor::InterceptedService::new(
         UserServiceServer::new(grpc::Users::new(foundation.pool.clone()))
             .max_decoding_message_size(shop_server::grpc::MAX_REQUEST_BYTES),
-        auth,
+        auth.clone(),
     );
     Ok(shop_server::Service::new(
         foundation.listener,
         &foundation.pool,
-        tonic::service::Routes::new(api),
+        tonic::service::Routes::new(api).add_service(shop_server::timeline::server(
+            foundation.pool.clone(),
+            auth.clone(),
+        )),
         SERVICE_NAME,
         [subscriber],
     )

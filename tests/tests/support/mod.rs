@@ -29,6 +29,11 @@ pub struct System {
     pub user: UserServiceClient<Channel>,
     /// The order service's gRPC address.
     pub order_addr: SocketAddr,
+    /// The other services' gRPC addresses.
+    pub inventory_addr: SocketAddr,
+    pub payment_addr: SocketAddr,
+    pub notification_addr: SocketAddr,
+    pub user_addr: SocketAddr,
     pub order_db: TestDatabase,
     pub inventory_db: TestDatabase,
     pub payment_db: TestDatabase,
@@ -116,14 +121,15 @@ impl System {
         let notification_db = create_db(&options, &notification_service::migrator()).await?;
         let user_db = create_db(&options, &user_service::migrator()).await?;
 
-        for db in [
-            &order_db,
-            &inventory_db,
-            &payment_db,
-            &notification_db,
-            &user_db,
+        for (service, db) in [
+            ("order", &order_db),
+            ("inventory", &inventory_db),
+            ("payment", &payment_db),
+            ("notification", &notification_db),
+            ("user", &user_db),
         ] {
             let mut settings = RelaySettings::new(&db.url, &broker.url);
+            settings.source = format!("{service}-service");
             settings.broker = subscriber.broker.clone();
             settings.exchange = exchange.clone();
             settings.health_addr = any;
@@ -233,6 +239,10 @@ impl System {
         Ok(Self {
             order: OrderServiceClient::new(channel(order_addr)),
             order_addr,
+            inventory_addr,
+            payment_addr,
+            notification_addr,
+            user_addr,
             inventory: InventoryServiceClient::new(channel(inventory_addr)),
             payment: PaymentServiceClient::new(channel(payment_addr)),
             notification: NotificationServiceClient::new(channel(notification_addr)),
@@ -260,9 +270,14 @@ impl System {
     }
 
     /// Starts the payment service again on its database.
+    /// The service comes back on the address it had, so clients that knew
+    /// it (a gateway) find it again.
     pub async fn start_payment(&mut self) -> Result<()> {
-        let app = payment_service::build(self.payment_settings.clone()).await?;
+        let mut settings = self.payment_settings.clone();
+        settings.grpc_addr = self.payment_addr;
+        let app = payment_service::build(settings).await?;
         let addr = app.addr();
+        self.payment_addr = addr;
         self.payment = PaymentServiceClient::new(
             Channel::from_shared(format!("http://{addr}"))?.connect_lazy(),
         );

@@ -4,7 +4,8 @@
 //! that issuer (the server name is `localhost` unless `GRPC_TLS_DOMAIN`
 //! says otherwise); with `GRPC_TLS_CLIENT_CERT` and `GRPC_TLS_CLIENT_KEY`
 //! it presents that certificate, for servers that require client
-//! certificates.
+//! certificates. Given an `http://host:port/path` URL instead (the
+//! gateway's `/health`), it exits 0 when the answer is 200.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,9 +18,22 @@ use tonic_health::pb::health_client::HealthClient;
 async fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let (Some(addr), service) = (args.next(), args.next().unwrap_or_default()) else {
-        eprintln!("usage: shop-healthcheck <host:port> [service]");
+        eprintln!("usage: shop-healthcheck <host:port> [service] | <http://host:port/path>");
         return ExitCode::from(2);
     };
+    if let Some(target) = addr.strip_prefix("http://") {
+        return match tokio::time::timeout(Duration::from_secs(2), http_ok(target)).await {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(error)) => {
+                eprintln!("{addr}: {error}");
+                ExitCode::FAILURE
+            }
+            Err(_) => {
+                eprintln!("{addr}: no answer within 2s");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match check(&addr, service).await {
         Ok(ServingStatus::Serving) => ExitCode::SUCCESS,
         Ok(status) => {
@@ -63,4 +77,20 @@ async fn check(addr: &str, service: String) -> anyhow::Result<ServingStatus> {
         .check(HealthCheckRequest { service })
         .await?;
     Ok(response.into_inner().status())
+}
+
+/// `GET` over HTTP/1.0; fine when the status is 200.
+async fn http_ok(target: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, path) = target.split_once('/').unwrap_or((target, ""));
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    stream
+        .write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut answer = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut answer).await?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.split_whitespace().nth(1).unwrap_or_default();
+    anyhow::ensure!(status == "200", "HTTP status {status}");
+    Ok(())
 }
