@@ -1,6 +1,6 @@
 # One image with every binary of the checkout: the five services, the outbox
-# relay, the HTTP gateway, shop-dlq, shop-healthcheck and shop-local. Compose
-# picks the binary per container with `command`.
+# relay, the HTTP gateway, shop-timeline, shop-dlq, shop-healthcheck and
+# shop-local. Compose picks the binary per container with `command`.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -13,7 +13,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
           target/release/payment-service target/release/notification-service \
           target/release/user-service target/release/outbox-relay \
           target/release/shop-dlq target/release/shop-healthcheck \
-          target/release/shop-local target/release/shop-gateway /out/
+          target/release/shop-local target/release/shop-gateway \
+          target/release/shop-timeline /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -218,11 +218,12 @@ async fn raw_publish(broker: &TestBroker, exchange: &str, events: usize) -> Resu
             for key in [
                 "aggregate_type",
                 "aggregate_id",
-                "ce-specversion",
-                "ce-id",
-                "ce-source",
-                "ce-type",
-                "ce-time",
+                "cloudEvents_specversion",
+                "cloudEvents_id",
+                "cloudEvents_source",
+                "cloudEvents_type",
+                "cloudEvents_time",
+                "cloudEvents_subject",
             ] {
                 headers.insert(
                     key.into(),

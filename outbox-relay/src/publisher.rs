@@ -208,11 +208,15 @@ impl Publisher {
         if let Some(causation_id) = row.causation_id {
             put("causation_id", &causation_id.to_string());
         }
-        put("ce-specversion", "1.0");
-        put("ce-id", &message_id);
-        put("ce-source", &self.source);
-        put("ce-type", &row.event_type);
-        put("ce-time", &time);
+        // CloudEvents, AMQP binding, binary content mode: the attributes as
+        // `cloudEvents_`-prefixed application properties (headers), the
+        // data as the body, `datacontenttype` as the content type.
+        put("cloudEvents_specversion", "1.0");
+        put("cloudEvents_id", &message_id);
+        put("cloudEvents_source", &self.source);
+        put("cloudEvents_type", &row.event_type);
+        put("cloudEvents_time", &time);
+        put("cloudEvents_subject", &row.aggregate_id);
 
         let mut properties = BasicProperties::default()
             .with_message_id(message_id.as_str().into())

@@ -72,13 +72,35 @@ async fn committed_events_arrive_with_their_metadata_and_rolled_back_ones_never_
         message.header("causation_id"),
         Some(causation_id.to_string())
     );
-    assert_eq!(message.header("ce-specversion").as_deref(), Some("1.0"));
-    assert_eq!(message.header("ce-id"), Some(record.message_id.to_string()));
-    assert_eq!(message.header("ce-source").as_deref(), Some("relay-test"));
-    assert_eq!(message.header("ce-type").as_deref(), Some(event_type));
+    // CloudEvents in the AMQP binding's binary mode.
+    assert_eq!(
+        message.header("cloudEvents_specversion").as_deref(),
+        Some("1.0")
+    );
+    assert_eq!(
+        message.header("cloudEvents_id"),
+        Some(record.message_id.to_string())
+    );
+    assert_eq!(
+        message.header("cloudEvents_source").as_deref(),
+        Some("relay-test")
+    );
+    assert_eq!(
+        message.header("cloudEvents_type").as_deref(),
+        Some(event_type)
+    );
+    assert_eq!(
+        message.header("cloudEvents_subject").as_deref(),
+        Some("order-1")
+    );
+    assert_eq!(
+        message.header("ce-id"),
+        None,
+        "the HTTP binding's names are gone"
+    );
     assert!(
         message
-            .header("ce-time")
+            .header("cloudEvents_time")
             .unwrap()
             .starts_with(&record.occurred_at.format("%Y-%m-%dT%H:%M").to_string())
     );

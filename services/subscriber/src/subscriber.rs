@@ -933,7 +933,7 @@ fn metadata(delivery: &Delivery) -> Result<Metadata, String> {
         event_type,
         aggregate_type: header_str(properties, "aggregate_type"),
         aggregate_id: header_str(properties, "aggregate_id"),
-        occurred_at: header_str(properties, "ce-time")
+        occurred_at: cloud_event_attribute(properties, "time")
             .and_then(|time| chrono::DateTime::parse_from_rfc3339(&time).ok())
             .map(|time| time.with_timezone(&chrono::Utc)),
         correlation_id: properties
@@ -941,11 +941,20 @@ fn metadata(delivery: &Delivery) -> Result<Metadata, String> {
             .as_ref()
             .and_then(|id| Uuid::parse_str(id.as_str()).ok()),
         traceparent: header_str(properties, "traceparent"),
-        source: header_str(properties, "ce-source")
+        source: cloud_event_attribute(properties, "source")
             .or_else(|| properties.app_id().as_ref().map(|app| app.to_string())),
         attempt: attempt_of(properties),
         redelivered: delivery.redelivered,
     })
+}
+
+/// A CloudEvents attribute of a message: under the AMQP binding's name
+/// (`cloudEvents_time`), or under the HTTP binding's (`ce-time`) that
+/// relays before the AMQP binding wrote, so messages published before an
+/// upgrade are still understood.
+pub fn cloud_event_attribute(properties: &BasicProperties, name: &str) -> Option<String> {
+    header_str(properties, &format!("cloudEvents_{name}"))
+        .or_else(|| header_str(properties, &format!("ce-{name}")))
 }
 
 fn headers_of(properties: &BasicProperties) -> FieldTable {

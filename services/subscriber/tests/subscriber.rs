@@ -360,3 +360,79 @@ async fn a_replay_moves_exactly_the_dead_letters_present_when_it_starts_even_if_
     running.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn cloud_events_attributes_are_read_under_the_amqp_binding_and_the_older_http_names()
+-> Result<()> {
+    use prost::Message as _;
+    let setup = Setup::new().await?;
+    let recorder = Recorder::new(Mode::Apply);
+    let running = setup.start(&recorder).await?;
+    let payload = |order_id: &str| {
+        shop_proto::events::v1::OrderPlaced {
+            order_id: order_id.into(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let (current, older) = (Uuid::now_v7(), Uuid::now_v7());
+    // As relays publish now: the AMQP binding's names.
+    setup
+        .publish_with_headers(
+            &setup.settings.exchange,
+            "shop.events.v1.OrderPlaced",
+            current,
+            "order-1",
+            "shop.events.v1.OrderPlaced",
+            &payload("order-1"),
+            &[
+                ("cloudEvents_source", "order-service"),
+                ("cloudEvents_time", "2026-11-29T10:00:00.000001Z"),
+            ],
+        )
+        .await?;
+    // As relays before the AMQP binding did: the HTTP binding's names.
+    setup
+        .publish_with_headers(
+            &setup.settings.exchange,
+            "shop.events.v1.OrderPlaced",
+            older,
+            "order-2",
+            "shop.events.v1.OrderPlaced",
+            &payload("order-2"),
+            &[
+                ("ce-source", "old-relay"),
+                ("ce-time", "2026-11-28T09:00:00Z"),
+            ],
+        )
+        .await?;
+    let rows: Vec<(Uuid, Option<String>, Option<chrono::DateTime<chrono::Utc>>)> =
+        shop_tests::eventually(Duration::from_secs(30), "both applied", || async {
+            let rows: Vec<(Uuid, Option<String>, Option<chrono::DateTime<chrono::Utc>>)> =
+                sqlx::query_as(
+                    "SELECT message_id, source, occurred_at FROM inbox ORDER BY occurred_at",
+                )
+                .fetch_all(&setup.db.pool)
+                .await?;
+            Ok((rows.len() == 2).then_some(rows))
+        })
+        .await?;
+    running.stop().await?;
+    let time = |text: &str| chrono::DateTime::parse_from_rfc3339(text).map(|t| t.to_utc());
+    assert_eq!(
+        rows,
+        [
+            (
+                older,
+                Some("old-relay".to_owned()),
+                Some(time("2026-11-28T09:00:00Z")?)
+            ),
+            (
+                current,
+                Some("order-service".to_owned()),
+                Some(time("2026-11-29T10:00:00.000001Z")?)
+            ),
+        ]
+    );
+    Ok(())
+}

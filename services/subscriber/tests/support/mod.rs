@@ -296,6 +296,30 @@ impl Setup {
         event_type: &str,
         payload: &[u8],
     ) -> Result<()> {
+        self.publish_with_headers(
+            exchange,
+            routing_key,
+            message_id,
+            aggregate_id,
+            event_type,
+            payload,
+            &[],
+        )
+        .await
+    }
+
+    /// Like [`Setup::publish_raw`], with more headers.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish_with_headers(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message_id: uuid::Uuid,
+        aggregate_id: &str,
+        event_type: &str,
+        payload: &[u8],
+        extra: &[(&str, &str)],
+    ) -> Result<()> {
         let conn = self.broker.connect().await?;
         let channel = conn.create_channel().await?;
         channel
@@ -306,6 +330,12 @@ impl Setup {
             "aggregate_id".into(),
             AMQPValue::LongString(LongString::from(aggregate_id)),
         );
+        for (key, value) in extra {
+            headers.insert(
+                (*key).into(),
+                AMQPValue::LongString(LongString::from(*value)),
+            );
+        }
         let properties = BasicProperties::default()
             .with_message_id(message_id.to_string().as_str().into())
             .with_type(event_type.into())
