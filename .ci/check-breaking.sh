@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
 # Shows that `buf breaking` against the released contracts
-# (proto/released.binpb) catches real breaking changes: each change below is
-# made to a copy of proto/, and the check must fail on it.
+# (proto/released.binpb) catches real breaking changes: an unchanged copy of
+# proto/ must pass, and each breaking change below, made to a copy, must be
+# refused for the rule it breaks (not for any other failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root="$PWD"
+image="$root/proto/released.binpb"
+[ -s "$image" ] || { echo "no released contracts at $image" >&2; exit 1; }
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
 
-fails_on() {
-    local what="$1" file="$2" edit="$3"
-    local scratch
-    scratch="$(mktemp -d)"
-    trap 'rm -rf "$scratch"' RETURN
-    cp -r proto buf.yaml "$scratch/"
-    python3 - "$scratch/proto/$file" "$edit" <<'PY'
+copy() {
+    local dir="$work/$1"
+    mkdir -p "$dir"
+    cp -r "$root/proto" "$root/buf.yaml" "$dir/"
+    echo "$dir"
+}
+
+# The control: the contracts as they are pass.
+control="$(copy unchanged)"
+(cd "$control" && buf breaking --against "$image") || {
+    echo "buf breaking fails on the unchanged contracts" >&2
+    exit 1
+}
+
+refused_for() {
+    local what="$1" file="$2" edit="$3" rule="$4" dir status=0 output
+    dir="$(copy "$edit")"
+    python3 - "$dir/proto/$file" "$edit" <<'PY'
 import re, sys
 path, edit = sys.argv[1], sys.argv[2]
 text = open(path).read()
@@ -26,12 +43,15 @@ if changed == text:
     sys.exit(f"the {edit} edit did not apply to {path}")
 open(path, "w").write(changed)
 PY
-    if (cd "$scratch" && buf breaking --against "$OLDPWD/proto/released.binpb" >/dev/null 2>&1); then
-        echo "buf breaking accepted a breaking change: $what" >&2
+    output="$(cd "$dir" && buf breaking --error-format=json --against "$image" 2>&1)" || status=$?
+    if [ "$status" -ne 100 ] || ! grep -q "\"type\":\"$rule\"" <<<"$output"; then
+        echo "buf breaking did not refuse $what for $rule (exit $status): $output" >&2
         exit 1
     fi
-    echo "buf breaking refuses: $what"
+    echo "buf breaking refuses: $what ($rule)"
 }
 
-fails_on "a field renumbered (GetOrderRequest.order_id 1 → 7)" shop/order/v1/order.proto renumber
-fails_on "an RPC removed (PaymentService.GetPayment)" shop/payment/v1/payment.proto remove-rpc
+refused_for "a field renumbered (GetOrderRequest.order_id 1 → 7)" \
+    shop/order/v1/order.proto renumber FIELD_NO_DELETE
+refused_for "an RPC removed (PaymentService.GetPayment)" \
+    shop/payment/v1/payment.proto remove-rpc RPC_NO_DELETE

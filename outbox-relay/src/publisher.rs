@@ -217,6 +217,13 @@ impl Publisher {
         put("cloudEvents_type", &row.event_type);
         put("cloudEvents_time", &time);
         put("cloudEvents_subject", &row.aggregate_id);
+        // The HTTP binding's names that relays wrote before, for one more
+        // release, so subscribers not upgraded yet still read them.
+        put("ce-specversion", "1.0");
+        put("ce-id", &message_id);
+        put("ce-source", &self.source);
+        put("ce-type", &row.event_type);
+        put("ce-time", &time);
 
         let mut properties = BasicProperties::default()
             .with_message_id(message_id.as_str().into())

@@ -170,6 +170,39 @@ mod tests {
     }
 
     #[test]
+    fn every_released_http_route_is_still_served() {
+        // `buf breaking` guards the messages and RPCs; the HTTP routes,
+        // which live in options it does not compare, are guarded here
+        // against the same image of the released contracts.
+        let released =
+            DescriptorPool::decode(include_bytes!("../../../proto/released.binpb").as_slice())
+                .unwrap();
+        let current = DescriptorPool::decode(shop_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let key = |route: &Route| {
+            (
+                route.method.to_string(),
+                route.path.clone(),
+                route.body.clone(),
+                route.rpc.full_name().to_owned(),
+            )
+        };
+        let now: std::collections::BTreeSet<_> =
+            from_pool(&current).unwrap().iter().map(key).collect();
+        let released = from_pool(&released).unwrap();
+        assert!(!released.is_empty());
+        for route in &released {
+            assert!(
+                now.contains(&key(route)),
+                "the released route {} {} ({}) is gone or changed; release new contracts \
+                 (buf build --exclude-source-info -o proto/released.binpb) only for a break on purpose",
+                route.method,
+                route.path,
+                route.rpc.full_name()
+            );
+        }
+    }
+
+    #[test]
     fn templates_beyond_simple_fields_are_refused() {
         assert!(path_fields("/v1/{name=orders/*}").is_err());
         assert!(path_fields("/v1/orders/{id}:cancel").is_err());

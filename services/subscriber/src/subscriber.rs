@@ -933,9 +933,7 @@ fn metadata(delivery: &Delivery) -> Result<Metadata, String> {
         event_type,
         aggregate_type: header_str(properties, "aggregate_type"),
         aggregate_id: header_str(properties, "aggregate_id"),
-        occurred_at: cloud_event_attribute(properties, "time")
-            .and_then(|time| chrono::DateTime::parse_from_rfc3339(&time).ok())
-            .map(|time| time.with_timezone(&chrono::Utc)),
+        occurred_at: cloud_event_time(properties),
         correlation_id: properties
             .correlation_id()
             .as_ref()
@@ -948,13 +946,34 @@ fn metadata(delivery: &Delivery) -> Result<Metadata, String> {
     })
 }
 
-/// A CloudEvents attribute of a message: under the AMQP binding's name
-/// (`cloudEvents_time`), or under the HTTP binding's (`ce-time`) that
-/// relays before the AMQP binding wrote, so messages published before an
-/// upgrade are still understood.
+/// A CloudEvents attribute of a message: under the AMQP binding's names
+/// (`cloudEvents_time`, or `cloudEvents:time`, which the binding also
+/// allows), or under the HTTP binding's (`ce-time`) that relays before the
+/// AMQP binding wrote, so messages published before an upgrade are still
+/// understood.
 pub fn cloud_event_attribute(properties: &BasicProperties, name: &str) -> Option<String> {
-    header_str(properties, &format!("cloudEvents_{name}"))
-        .or_else(|| header_str(properties, &format!("ce-{name}")))
+    ["cloudEvents_", "cloudEvents:", "ce-"]
+        .into_iter()
+        .find_map(|prefix| header_str(properties, &format!("{prefix}{name}")))
+}
+
+/// The CloudEvents `time` of a message: an RFC 3339 string, or a native
+/// AMQP timestamp (whole seconds), as the binding allows either.
+fn cloud_event_time(properties: &BasicProperties) -> Option<chrono::DateTime<chrono::Utc>> {
+    if let Some(text) = cloud_event_attribute(properties, "time") {
+        return chrono::DateTime::parse_from_rfc3339(&text)
+            .ok()
+            .map(|time| time.with_timezone(&chrono::Utc));
+    }
+    let headers = properties.headers().as_ref()?;
+    ["cloudEvents_time", "cloudEvents:time"]
+        .into_iter()
+        .find_map(|key| match headers.inner().get(key) {
+            Some(AMQPValue::Timestamp(seconds)) => {
+                chrono::DateTime::from_timestamp(i64::try_from(*seconds).ok()?, 0)
+            }
+            _ => None,
+        })
 }
 
 fn headers_of(properties: &BasicProperties) -> FieldTable {
@@ -1012,5 +1031,51 @@ async fn prune_inbox(inner: Arc<Inner>, shutdown: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_headers(headers: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut table = FieldTable::default();
+        for (key, value) in headers {
+            table.insert((*key).into(), value.clone());
+        }
+        BasicProperties::default().with_headers(table)
+    }
+
+    #[test]
+    fn cloud_events_time_and_source_are_read_in_every_form_the_bindings_allow() {
+        let text = |value: &str| AMQPValue::LongString(LongString::from(value));
+        let expected = chrono::DateTime::parse_from_rfc3339("2026-11-29T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        for properties in [
+            with_headers(&[("cloudEvents_time", text("2026-11-29T10:00:00Z"))]),
+            with_headers(&[("cloudEvents:time", text("2026-11-29T10:00:00Z"))]),
+            with_headers(&[("ce-time", text("2026-11-29T10:00:00Z"))]),
+            with_headers(&[(
+                "cloudEvents_time",
+                AMQPValue::Timestamp(expected.timestamp() as u64),
+            )]),
+        ] {
+            assert_eq!(
+                cloud_event_time(&properties),
+                Some(expected),
+                "{properties:?}"
+            );
+        }
+        // The AMQP binding's name wins over the older one.
+        let both = with_headers(&[
+            ("cloudEvents_source", text("new")),
+            ("ce-source", text("old")),
+        ]);
+        assert_eq!(
+            cloud_event_attribute(&both, "source").as_deref(),
+            Some("new")
+        );
+        assert_eq!(cloud_event_time(&with_headers(&[])), None);
     }
 }
