@@ -1,7 +1,8 @@
 // Opens the gateway's timeline page in headless Chromium (Debian's, at
 // CHROMIUM or /usr/bin/chromium) and follows it until the order is
-// CONFIRMED: prints each status the page shows as `status <STATUS>` and
-// each event row count as `rows <N>`, then takes a screenshot.
+// CONFIRMED and the saga finished (90 s at most): prints each status the
+// page shows as `status <STATUS>` and each event row count as `rows <N>`,
+// then takes a screenshot and prints `done CONFIRMED`.
 //
 //   node timeline.mjs <page-url> <screenshot.png>
 
@@ -28,27 +29,42 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1000, height: 700 } });
   page.on("pageerror", (error) => console.log(`pageerror ${error.message}`));
+  // Every change of the status badge and of the number of rows is
+  // reported as the page makes it (a MutationObserver, no polling).
+  await page.exposeFunction("report", (line) => console.log(line));
+  await page.addInitScript(() => {
+    let status = null;
+    let rows = null;
+    const check = () => {
+      const badge = document.querySelector("#status");
+      if (!badge) return;
+      const shown = badge.textContent.trim();
+      if (shown !== status) {
+        status = shown;
+        window.report(`status ${shown}`);
+      }
+      const count = document.querySelectorAll("#steps tr").length;
+      if (count !== rows) {
+        rows = count;
+        window.report(`rows ${count}`);
+      }
+    };
+    new MutationObserver(check).observe(document, {
+      subtree: true,
+      childList: true,
+      characterData: true,
+    });
+  });
   await page.goto(url);
-  let status = "";
-  let rows = -1;
-  const deadline = Date.now() + 90_000;
-  while (Date.now() < deadline) {
-    const shown = (await page.textContent("#status")).trim();
-    if (shown !== status) {
-      status = shown;
-      console.log(`status ${status}`);
-    }
-    const count = await page.locator("#steps tr").count();
-    if (count !== rows) {
-      rows = count;
-      console.log(`rows ${rows}`);
-    }
-    const state = (await page.textContent("#state")).trim();
-    if (status === "CONFIRMED" && state === "saga finished") break;
-    await page.waitForTimeout(100);
-  }
+  await page.waitForFunction(
+    () =>
+      document.querySelector("#status").textContent.trim() === "CONFIRMED" &&
+      document.querySelector("#state").textContent.trim() === "saga finished",
+    null,
+    { timeout: 90_000 },
+  );
   await page.screenshot({ path: screenshot });
-  console.log(`done ${status}`);
+  console.log("done CONFIRMED");
 } finally {
   await browser.close();
 }

@@ -79,20 +79,16 @@ impl PrivatePostgres {
     }
 
     async fn await_startup(&self) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
         let url = self.url("postgres", "verify-full");
-        loop {
-            match sqlx::PgConnection::connect(&url).await {
-                Ok(conn) => {
-                    let _ = conn.close().await;
-                    return Ok(());
-                }
-                Err(error) if tokio::time::Instant::now() > deadline => {
-                    return Err(error).context("the private PostgreSQL server did not start");
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
+        crate::eventually(
+            STARTUP_TIMEOUT,
+            "the private PostgreSQL server to start",
+            || async { Ok(sqlx::PgConnection::connect(&url).await.ok()) },
+        )
+        .await?
+        .close()
+        .await?;
+        Ok(())
     }
 
     fn start_local(server: &Issued) -> Result<(String, Server)> {
@@ -194,23 +190,12 @@ impl PrivatePostgres {
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         if let Server::Local { dir, process } = &mut self.server {
-            // A fast shutdown lets the server release its shared memory;
-            // whatever is left after a few seconds is killed.
-            let group = format!("-{}", process.id());
-            let signal = |name: &str| {
-                let _ = Command::new("kill")
-                    .args(["-s", name, "--", &group])
-                    .stderr(Stdio::null())
-                    .status();
-            };
-            signal("INT");
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while matches!(process.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if matches!(process.try_wait(), Ok(None)) {
-                signal("KILL");
-            }
+            // A fast shutdown: the server ends its sessions, releases its
+            // shared memory and exits.
+            let _ = Command::new("kill")
+                .args(["-s", "INT", "--", &format!("-{}", process.id())])
+                .stderr(Stdio::null())
+                .status();
             let _ = process.wait();
             let _ = std::fs::remove_dir_all(dir);
         }

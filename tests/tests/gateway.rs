@@ -122,6 +122,58 @@ async fn gateway(system: &System, payment: SocketAddr) -> Result<Gateway> {
     })
 }
 
+/// Over HTTP: staff creates a product `sku`, a new customer registers and
+/// orders one, retried until the order service has heard of both. Returns
+/// the customer's token and the order id.
+async fn one_order(gateway: &Gateway, tokens: &LocalTokens, sku: &str) -> Result<(String, String)> {
+    let api = |path: &str| format!("{}{path}", gateway.url);
+    let customer = Uuid::new_v4();
+    let token = tokens.customer(customer);
+    let created = curl(
+        "POST",
+        &api("/v1/products"),
+        Some(&tokens.staff("ops")),
+        Some(json!({
+            "sku": sku,
+            "name": sku,
+            "unitPrice": { "amountMinor": "4200", "currency": "EUR" },
+            "initialStock": 3
+        })),
+    )
+    .await?;
+    let product = created.body["product"]["productId"]
+        .as_str()
+        .context("no product")?
+        .to_owned();
+    curl(
+        "POST",
+        &api("/v1/users"),
+        Some(&token),
+        Some(json!({ "name": "Grace", "email": "grace@example.com" })),
+    )
+    .await?;
+    let order = eventually(TIMEOUT, "the order to be accepted", || async {
+        let placed = curl(
+            "POST",
+            &api("/v1/orders"),
+            Some(&token),
+            Some(json!({
+                "customerId": customer.to_string(),
+                "lines": [{ "productId": product, "quantity": 1 }],
+                "idempotencyKey": sku
+            })),
+        )
+        .await?;
+        Ok((placed.status == 200).then_some(placed.body))
+    })
+    .await?;
+    let order_id = order["order"]["orderId"]
+        .as_str()
+        .context("no order id")?
+        .to_owned();
+    Ok((token, order_id))
+}
+
 async fn circuit(gateway: &Gateway, service: &str) -> Result<String> {
     let health = curl("GET", &format!("{}/health", gateway.url), None, None).await?;
     Ok(health.body["circuits"][service]
@@ -352,50 +404,7 @@ async fn a_watch_streams_the_order_as_server_sent_events_until_it_is_confirmed()
     let tokens = LocalTokens::new(&AuthSettings::shared_secret(SECRET))?;
     let gateway = gateway(&system, system.payment_addr).await?;
     let api = |path: &str| format!("{}{path}", gateway.url);
-    let customer = Uuid::new_v4();
-    let token = tokens.customer(customer);
-    let created = curl(
-        "POST",
-        &api("/v1/products"),
-        Some(&tokens.staff("ops")),
-        Some(json!({
-            "sku": "SSE-1",
-            "name": "Stream",
-            "unitPrice": { "amountMinor": "100", "currency": "EUR" },
-            "initialStock": 1
-        })),
-    )
-    .await?;
-    let product = created.body["product"]["productId"]
-        .as_str()
-        .context("no product")?
-        .to_owned();
-    curl(
-        "POST",
-        &api("/v1/users"),
-        Some(&token),
-        Some(json!({ "name": "Grace", "email": "grace@example.com" })),
-    )
-    .await?;
-    let order = eventually(TIMEOUT, "the order to be accepted", || async {
-        let placed = curl(
-            "POST",
-            &api("/v1/orders"),
-            Some(&token),
-            Some(json!({
-                "customerId": customer.to_string(),
-                "lines": [{ "productId": product, "quantity": 1 }],
-                "idempotencyKey": "sse-1"
-            })),
-        )
-        .await?;
-        Ok((placed.status == 200).then_some(placed.body))
-    })
-    .await?;
-    let order_id = order["order"]["orderId"]
-        .as_str()
-        .context("no order id")?
-        .to_owned();
+    let (token, order_id) = one_order(&gateway, &tokens, "SSE-1").await?;
 
     // curl -N follows the stream until the server ends it, after the
     // terminal status.
@@ -456,50 +465,7 @@ async fn the_timeline_page_shows_a_saga_unfold_in_a_real_browser() -> Result<()>
     let gateway = gateway(&system, system.payment_addr).await?;
     let api = |path: &str| format!("{}{path}", gateway.url);
     let staff = tokens.staff("ops");
-    let customer = Uuid::new_v4();
-    let token = tokens.customer(customer);
-    let created = curl(
-        "POST",
-        &api("/v1/products"),
-        Some(&staff),
-        Some(json!({
-            "sku": "PAGE-1",
-            "name": "Lamp",
-            "unitPrice": { "amountMinor": "4200", "currency": "EUR" },
-            "initialStock": 3
-        })),
-    )
-    .await?;
-    let product = created.body["product"]["productId"]
-        .as_str()
-        .context("no product")?
-        .to_owned();
-    curl(
-        "POST",
-        &api("/v1/users"),
-        Some(&token),
-        Some(json!({ "name": "Ada", "email": "ada@example.com" })),
-    )
-    .await?;
-    let order = eventually(TIMEOUT, "the order to be accepted", || async {
-        let placed = curl(
-            "POST",
-            &api("/v1/orders"),
-            Some(&token),
-            Some(json!({
-                "customerId": customer.to_string(),
-                "lines": [{ "productId": product, "quantity": 1 }],
-                "idempotencyKey": "page-1"
-            })),
-        )
-        .await?;
-        Ok((placed.status == 200).then_some(placed.body))
-    })
-    .await?;
-    let order_id = order["order"]["orderId"]
-        .as_str()
-        .context("no order id")?
-        .to_owned();
+    let (token, order_id) = one_order(&gateway, &tokens, "PAGE-1").await?;
 
     // Customers do not see timelines; staff do, as JSON too.
     let refused = curl(

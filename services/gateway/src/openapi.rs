@@ -34,7 +34,7 @@ pub fn document(pool: &DescriptorPool, routes: &[Arc<Route>]) -> Json {
                     "in": "path",
                     "required": true,
                     "description": comments.field(&field),
-                    "schema": field_schema(&field, &mut schemas),
+                    "schema": field_schema(&field, &comments, &mut schemas),
                 })
             })
             .collect();
@@ -50,7 +50,7 @@ pub fn document(pool: &DescriptorPool, routes: &[Arc<Route>]) -> Json {
                 "requestBody".into(),
                 json!({
                     "required": true,
-                    "content": { "application/json": { "schema": message_ref(&input, &mut schemas) } }
+                    "content": { "application/json": { "schema": message_ref(&input, &comments, &mut schemas) } }
                 }),
             );
         } else {
@@ -64,7 +64,7 @@ pub fn document(pool: &DescriptorPool, routes: &[Arc<Route>]) -> Json {
                         "in": "query",
                         "required": false,
                         "description": comments.field(&field),
-                        "schema": field_schema(&field, &mut schemas),
+                        "schema": field_schema(&field, &comments, &mut schemas),
                     }));
                 }
             }
@@ -80,7 +80,7 @@ pub fn document(pool: &DescriptorPool, routes: &[Arc<Route>]) -> Json {
         } else {
             json!({
                 "description": "OK",
-                "content": { "application/json": { "schema": message_ref(&route.rpc.output(), &mut schemas) } }
+                "content": { "application/json": { "schema": message_ref(&route.rpc.output(), &comments, &mut schemas) } }
             })
         };
         operation.insert(
@@ -188,7 +188,11 @@ fn problem_schema() -> Json {
 }
 
 /// A `$ref` to the message's schema, adding it (and what it refers to).
-fn message_ref(message: &MessageDescriptor, schemas: &mut BTreeMap<String, Json>) -> Json {
+fn message_ref(
+    message: &MessageDescriptor,
+    comments: &Comments,
+    schemas: &mut BTreeMap<String, Json>,
+) -> Json {
     if message.full_name() == "google.protobuf.Timestamp" {
         return json!({ "type": "string", "format": "date-time" });
     }
@@ -196,10 +200,9 @@ fn message_ref(message: &MessageDescriptor, schemas: &mut BTreeMap<String, Json>
     if !schemas.contains_key(&name) {
         // Placed first, so that a message referring to itself ends.
         schemas.insert(name.clone(), Json::Null);
-        let comments = Comments::of(message.parent_pool());
         let mut properties = Map::new();
         for field in message.fields() {
-            let mut schema = field_schema(&field, schemas);
+            let mut schema = field_schema(&field, comments, schemas);
             if let (Json::Object(object), Some(text)) = (&mut schema, comments.field_text(&field)) {
                 object.insert("description".into(), json!(text));
             }
@@ -214,7 +217,11 @@ fn message_ref(message: &MessageDescriptor, schemas: &mut BTreeMap<String, Json>
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }
 
-fn field_schema(field: &FieldDescriptor, schemas: &mut BTreeMap<String, Json>) -> Json {
+fn field_schema(
+    field: &FieldDescriptor,
+    comments: &Comments,
+    schemas: &mut BTreeMap<String, Json>,
+) -> Json {
     let single = match field.kind() {
         Kind::Bool => json!({ "type": "boolean" }),
         Kind::String => json!({ "type": "string" }),
@@ -235,9 +242,9 @@ fn field_schema(field: &FieldDescriptor, schemas: &mut BTreeMap<String, Json>) -
         }),
         Kind::Message(message) if field.is_map() => {
             let value = message.map_entry_value_field();
-            return json!({ "type": "object", "additionalProperties": field_schema(&value, schemas) });
+            return json!({ "type": "object", "additionalProperties": field_schema(&value, comments, schemas) });
         }
-        Kind::Message(message) => message_ref(&message, schemas),
+        Kind::Message(message) => message_ref(&message, comments, schemas),
     };
     if field.is_list() {
         json!({ "type": "array", "items": single })

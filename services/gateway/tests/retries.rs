@@ -68,19 +68,11 @@ impl OrderService for Failing {
     }
 }
 
-async fn post(url: &str, body: &str) -> anyhow::Result<(u16, String)> {
+/// Runs curl with `args`; the answer's status and whole text.
+async fn curl(args: &[&str]) -> anyhow::Result<(u16, String)> {
     let output = tokio::process::Command::new("curl")
-        .args([
-            "-sS",
-            "-i",
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            body,
-            url,
-        ])
+        .args(["-sS", "-i"])
+        .args(args)
         .output()
         .await?;
     let text = String::from_utf8(output.stdout)?;
@@ -88,14 +80,21 @@ async fn post(url: &str, body: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, text))
 }
 
+async fn post(url: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+        url,
+    ])
+    .await
+}
+
 async fn get(url: &str) -> anyhow::Result<(u16, String)> {
-    let output = tokio::process::Command::new("curl")
-        .args(["-sS", "-i", url])
-        .output()
-        .await?;
-    let text = String::from_utf8(output.stdout)?;
-    let status = text.split_whitespace().nth(1).unwrap_or_default().parse()?;
-    Ok((status, text))
+    curl(&[url]).await
 }
 
 /// Serves a failing order service on a free port until `stop`.
