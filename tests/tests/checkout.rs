@@ -10,108 +10,17 @@ use futures_util::StreamExt;
 use shop_proto::inventory::v1::{CreateProductRequest, GetStockRequest, Stock};
 use shop_proto::notification::v1::ListNotificationsRequest;
 use shop_proto::order::v1::{
-    CancelOrderRequest, GetOrderRequest, Order, OrderStatus, PlaceOrderLine, PlaceOrderRequest,
-    WatchOrderRequest,
+    CancelOrderRequest, GetOrderRequest, OrderStatus, PlaceOrderRequest, WatchOrderRequest,
 };
 use shop_proto::payment::v1::{GetPaymentRequest, PaymentStatus};
 use shop_proto::types::v1::Money;
 use shop_proto::user::v1::{GetPurchaseHistoryRequest, RegisterUserRequest};
 use shop_server::auth::signed;
 use shop_tests::eventually;
+use support::steps::{TIMEOUT, eur, place, product, register, request, wait_for};
 use support::{Options, System};
 use tonic::Code;
 use tonic_types::StatusExt;
-
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn eur(amount_minor: i64) -> Option<Money> {
-    Some(Money {
-        amount_minor,
-        currency: "EUR".into(),
-    })
-}
-
-async fn register(system: &System, email: &str) -> Result<String> {
-    let user = system
-        .user
-        .clone()
-        .register_user(RegisterUserRequest {
-            name: "Ada Lovelace".into(),
-            email: email.into(),
-        })
-        .await?
-        .into_inner()
-        .user
-        .unwrap();
-    Ok(user.user_id)
-}
-
-async fn product(system: &System, sku: &str, price: i64, stock: i32) -> Result<String> {
-    let created = system
-        .inventory
-        .clone()
-        .create_product(CreateProductRequest {
-            sku: sku.into(),
-            name: sku.into(),
-            unit_price: eur(price),
-            initial_stock: stock,
-        })
-        .await?
-        .into_inner();
-    Ok(created.product.unwrap().product_id)
-}
-
-fn request(customer: &str, lines: &[(&str, i32)], key: &str) -> PlaceOrderRequest {
-    PlaceOrderRequest {
-        customer_id: customer.into(),
-        lines: lines
-            .iter()
-            .map(|(product, quantity)| PlaceOrderLine {
-                product_id: (*product).into(),
-                quantity: *quantity,
-            })
-            .collect(),
-        idempotency_key: key.into(),
-    }
-}
-
-/// Places an order, waiting until the order service has learned the
-/// customer and the products from their events.
-async fn place(system: &System, request: PlaceOrderRequest) -> Result<Order> {
-    eventually(TIMEOUT, "the order service to accept the order", || {
-        let mut client = system.order.clone();
-        let request = request.clone();
-        async move {
-            match client.place_order(request).await {
-                Ok(response) => Ok(response.into_inner().order),
-                Err(status) if status.code() == Code::NotFound => Ok(None),
-                Err(status) => Err(status.into()),
-            }
-        }
-    })
-    .await
-}
-
-async fn wait_for(system: &System, order_id: &str, status: OrderStatus) -> Result<Order> {
-    eventually(
-        TIMEOUT,
-        &format!("order {order_id} to be {status:?}"),
-        || {
-            let mut client = system.order.clone();
-            let order_id = order_id.to_owned();
-            async move {
-                let order = client
-                    .get_order(GetOrderRequest { order_id })
-                    .await?
-                    .into_inner()
-                    .order
-                    .unwrap();
-                Ok((order.status() == status).then_some(order))
-            }
-        },
-    )
-    .await
-}
 
 async fn stock(system: &System, product_id: &str) -> Result<Stock> {
     Ok(system

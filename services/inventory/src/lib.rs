@@ -20,6 +20,23 @@ use shop_subscriber::SubscriberSettings;
 /// Name of this service's consumer (inbox key) and the prefix of its queues.
 pub const CONSUMER: &str = "inventory";
 
+/// The events this service publishes, with their aggregates.
+pub fn publishes() -> Vec<shop_outbox::Publication> {
+    use shop_outbox::Publication;
+    use shop_proto::events::v1::{
+        InventoryCommitted, InventoryReleased, InventoryReservationFailed, InventoryReserved,
+        ProductCreated, ProductPriceChanged,
+    };
+    vec![
+        Publication::of::<ProductCreated>("product"),
+        Publication::of::<ProductPriceChanged>("product"),
+        Publication::of::<InventoryReserved>("reservation"),
+        Publication::of::<InventoryReservationFailed>("reservation"),
+        Publication::of::<InventoryReleased>("reservation"),
+        Publication::of::<InventoryCommitted>("reservation"),
+    ]
+}
+
 /// Migrations of this service's database: outbox, inbox, then its own.
 pub fn migrator() -> sqlx::migrate::Migrator {
     static OWN: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/inventory");

@@ -28,6 +28,17 @@ pub const CONSUMER: &str = "order";
 /// Name of this service's consumer of history-only events (inbox key).
 pub const HISTORY_CONSUMER: &str = "order-history";
 
+/// The events this service publishes, with their aggregates.
+pub fn publishes() -> Vec<shop_outbox::Publication> {
+    use shop_outbox::Publication;
+    use shop_proto::events::v1::{OrderCancelled, OrderConfirmed, OrderPlaced};
+    vec![
+        Publication::of::<OrderPlaced>("order"),
+        Publication::of::<OrderConfirmed>("order"),
+        Publication::of::<OrderCancelled>("order"),
+    ]
+}
+
 /// Migrations of this service's database: outbox, inbox, then its own.
 pub fn migrator() -> sqlx::migrate::Migrator {
     static OWN: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/order");

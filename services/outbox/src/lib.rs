@@ -107,6 +107,28 @@ impl<'a> Aggregate<'a> {
     }
 }
 
+/// An event type a service writes to its outbox, and the kind of aggregate
+/// it belongs to (its events are published in order per aggregate id, which
+/// consumers see as the CloudEvents `subject`). A service's list of these is
+/// its published contract; `asyncapi.yaml` is generated from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    /// Full protobuf name of the event: routing key and AMQP `type`.
+    pub event_type: String,
+    /// Kind of aggregate, for example `order`.
+    pub aggregate: &'static str,
+}
+
+impl Publication {
+    /// Events of type `E` on aggregates of kind `aggregate`.
+    pub fn of<E: prost::Name>(aggregate: &'static str) -> Self {
+        Self {
+            event_type: E::full_name(),
+            aggregate,
+        }
+    }
+}
+
 /// An event as written to the outbox.
 #[derive(Debug, Clone)]
 pub struct OutboxRecord {

@@ -20,6 +20,17 @@ use shop_subscriber::SubscriberSettings;
 /// Name of this service's consumer (inbox key) and the prefix of its queues.
 pub const CONSUMER: &str = "payment";
 
+/// The events this service publishes, with their aggregates.
+pub fn publishes() -> Vec<shop_outbox::Publication> {
+    use shop_outbox::Publication;
+    use shop_proto::events::v1::{PaymentFailed, PaymentRefunded, PaymentSucceeded};
+    vec![
+        Publication::of::<PaymentSucceeded>("payment"),
+        Publication::of::<PaymentFailed>("payment"),
+        Publication::of::<PaymentRefunded>("payment"),
+    ]
+}
+
 /// Migrations of this service's database: outbox, inbox, then its own.
 pub fn migrator() -> sqlx::migrate::Migrator {
     static OWN: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/payment");

@@ -26,6 +26,31 @@ pub enum QueueKind {
 /// crashing its consumer before it can be acknowledged.
 const DELIVERY_LIMIT: i64 = 20;
 
+/// What a declared queue is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueRole {
+    /// The work queue the subscriber consumes.
+    Work,
+    /// Messages that failed for good.
+    DeadLetter,
+    /// Messages after their `failures`-th failure, until their TTL expires.
+    Retry {
+        /// Failures so far.
+        failures: u32,
+    },
+}
+
+/// One queue as declared: its name, role and arguments.
+#[derive(Debug, Clone)]
+pub struct QueueDeclaration {
+    /// Queue name.
+    pub name: String,
+    /// What the queue is for.
+    pub role: QueueRole,
+    /// Its `x-` arguments.
+    pub arguments: FieldTable,
+}
+
 /// The names and shape of one subscriber's queues.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -58,9 +83,52 @@ impl Topology {
 
     /// Every queue this topology declares.
     pub fn queues(&self) -> Vec<String> {
-        let mut queues = vec![self.queue.clone(), self.dead_letter_queue()];
-        queues.extend((1..self.max_attempts).map(|n| self.retry_queue(n)));
-        queues
+        self.declarations()
+            .into_iter()
+            .map(|declaration| declaration.name)
+            .collect()
+    }
+
+    /// Every queue this topology declares, with its arguments: the work
+    /// queue, the dead-letter queue, then the retry queues in order.
+    pub fn declarations(&self) -> Vec<QueueDeclaration> {
+        let mut work_args = self.kind_args();
+        if self.kind == QueueKind::Quorum {
+            insert(
+                &mut work_args,
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(DELIVERY_LIMIT),
+            );
+            insert_str(&mut work_args, "x-dead-letter-exchange", "");
+            insert_str(
+                &mut work_args,
+                "x-dead-letter-routing-key",
+                &self.dead_letter_queue(),
+            );
+        }
+        let mut declarations = vec![
+            QueueDeclaration {
+                name: self.queue.clone(),
+                role: QueueRole::Work,
+                arguments: work_args,
+            },
+            QueueDeclaration {
+                name: self.dead_letter_queue(),
+                role: QueueRole::DeadLetter,
+                arguments: self.kind_args(),
+            },
+        ];
+        for failures in 1..self.max_attempts {
+            let mut arguments = FieldTable::default();
+            insert_str(&mut arguments, "x-dead-letter-exchange", "");
+            insert_str(&mut arguments, "x-dead-letter-routing-key", &self.queue);
+            declarations.push(QueueDeclaration {
+                name: self.retry_queue(failures),
+                role: QueueRole::Retry { failures },
+                arguments,
+            });
+        }
+        declarations
     }
 
     /// Declares the exchange, the queues and the bindings (idempotent).
@@ -77,27 +145,8 @@ impl Topology {
             )
             .await?;
 
-        let mut work_args = self.kind_args();
-        if self.kind == QueueKind::Quorum {
-            insert(
-                &mut work_args,
-                "x-delivery-limit",
-                AMQPValue::LongLongInt(DELIVERY_LIMIT),
-            );
-            insert_str(&mut work_args, "x-dead-letter-exchange", "");
-            insert_str(
-                &mut work_args,
-                "x-dead-letter-routing-key",
-                &self.dead_letter_queue(),
-            );
-        }
-        declare_queue(channel, &self.queue, work_args).await?;
-        declare_queue(channel, &self.dead_letter_queue(), self.kind_args()).await?;
-        for failures in 1..self.max_attempts {
-            let mut args = FieldTable::default();
-            insert_str(&mut args, "x-dead-letter-exchange", "");
-            insert_str(&mut args, "x-dead-letter-routing-key", &self.queue);
-            declare_queue(channel, &self.retry_queue(failures), args).await?;
+        for declaration in self.declarations() {
+            declare_queue(channel, &declaration.name, declaration.arguments).await?;
         }
         for key in &self.routing_keys {
             channel

@@ -15,6 +15,13 @@ use shop_subscriber::SubscriberSettings;
 /// Name of this service's consumer (inbox key) and the prefix of its queues.
 pub const CONSUMER: &str = "user";
 
+/// The events this service publishes, with their aggregates.
+pub fn publishes() -> Vec<shop_outbox::Publication> {
+    vec![shop_outbox::Publication::of::<
+        shop_proto::events::v1::UserRegistered,
+    >("user")]
+}
+
 /// Migrations of this service's database: outbox, inbox, then its own.
 pub fn migrator() -> sqlx::migrate::Migrator {
     static OWN: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/user");

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod steps;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -39,6 +41,9 @@ pub struct System {
     pub payment_db: TestDatabase,
     pub notification_db: TestDatabase,
     pub user_db: TestDatabase,
+    /// The broker's URL, and the topic exchange the events go to.
+    pub amqp_url: String,
+    pub exchange: String,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
     payment_settings: payment_service::Settings,
@@ -256,6 +261,8 @@ impl System {
             payment_db,
             notification_db,
             user_db,
+            amqp_url: broker.url.clone(),
+            exchange,
             _broker: broker,
         })
     }
