@@ -31,6 +31,7 @@ def generate(proto_dir, out_dir):
         [sys.executable, "-m", "grpc_tools.protoc", "-I", proto_dir,
          "--python_out", out_dir, *sources],
         check=True,
+        stdout=sys.stderr,
     )
     sys.path.insert(0, out_dir)
     return importlib.import_module("shop.events.v1.events_pb2")
@@ -49,7 +50,10 @@ def main():
     parser.add_argument("--proto-dir", required=True)
     args = parser.parse_args()
 
-    events = generate(args.proto_dir, tempfile.mkdtemp(prefix="shop-events-"))
+    # Once imported, the generated modules live in memory; the directory
+    # goes at once (the test stops this process with a kill).
+    with tempfile.TemporaryDirectory(prefix="shop-events-") as generated:
+        events = generate(args.proto_dir, generated)
 
     connection = pika.BlockingConnection(pika.URLParameters(args.amqp_url))
     channel = connection.channel()

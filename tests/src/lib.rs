@@ -7,17 +7,19 @@
 //! run in parallel, and both are removed when the test ends, pass or fail.
 //!
 //! Tests that stop or restart the broker get a node of their own
-//! ([`PrivateBroker`]); tests that put a server out of reach do it with a
+//! ([`PrivateBroker`]), or a cluster of their own ([`PrivateCluster`]); tests that put a server out of reach do it with a
 //! [`Proxy`] in front of it.
 //!
 //! Set `TEST_LOG=1` to see the code under test's tracing output.
 
 pub mod pki;
 mod private_broker;
+mod private_cluster;
 mod private_postgres;
 mod proxy;
 
 pub use private_broker::{BrokerTls, PrivateBroker};
+pub use private_cluster::PrivateCluster;
 pub use private_postgres::PrivatePostgres;
 pub use proxy::{Proxy, target_of};
 

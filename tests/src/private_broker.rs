@@ -23,7 +23,7 @@ use crate::pki::{Authority, Issued};
 
 /// Where Debian's RabbitMQ keeps the scripts that run as the calling user
 /// (`/usr/sbin/rabbitmq*` switch to the `rabbitmq` user).
-const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
+pub(crate) const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 
 /// Longest wait for the node to start or to come back.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
@@ -328,7 +328,7 @@ impl TlsFiles {
 }
 
 /// Ports free on the loopback interface right now.
-fn free_ports<const N: usize>() -> Result<[u16; N]> {
+pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N]> {
     let listeners = (0..N)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<std::io::Result<Vec<_>>>()?;

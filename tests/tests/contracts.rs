@@ -22,8 +22,8 @@ use shop_proto::inventory::v1::ChangePriceRequest;
 use shop_proto::order::v1::{CancelOrderRequest, OrderStatus};
 use support::System;
 use support::steps::{TIMEOUT, eur, place, product, register, request, wait_for};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 /// The committed contract, as a consumer reads it.
@@ -32,9 +32,10 @@ fn asyncapi() -> Result<Json> {
     Ok(serde_saphyr::from_str(&text)?)
 }
 
-/// `tests/python/consume.py`, running against the system's exchange.
+/// `tests/python/consume.py`, running against the system's exchange. Its
+/// output is read as it comes, so the consumer never blocks on a full pipe.
 struct PythonConsumer {
-    lines: Lines<BufReader<ChildStdout>>,
+    records: tokio::sync::mpsc::UnboundedReceiver<Result<Json>>,
     _child: Child,
     /// Every message read so far, by message id.
     seen: HashMap<String, Json>,
@@ -53,16 +54,30 @@ impl PythonConsumer {
             .spawn()
             .context("starting python3 tests/python/consume.py")?;
         let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let ready = tokio::time::timeout(TIMEOUT, lines.next_line())
+        let (sender, mut records) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let record = match lines.next_line().await {
+                    Ok(Some(line)) => serde_json::from_str::<Json>(&line)
+                        .with_context(|| format!("the Python consumer printed {line:?}")),
+                    Ok(None) => Err(anyhow::anyhow!(
+                        "the Python consumer exited (pip install -r tests/python/requirements.txt)"
+                    )),
+                    Err(error) => Err(error.into()),
+                };
+                let last = record.is_err();
+                if sender.send(record).is_err() || last {
+                    return;
+                }
+            }
+        });
+        let ready = tokio::time::timeout(TIMEOUT, records.recv())
             .await
-            .context("the Python consumer to bind its queue")??
-            .context(
-                "the Python consumer exited before it was ready \
-                 (pip install -r tests/python/requirements.txt)",
-            )?;
-        assert_eq!(serde_json::from_str::<Json>(&ready)?["ready"], true);
+            .context("the Python consumer to bind its queue")?
+            .context("the Python consumer's output")??;
+        anyhow::ensure!(ready["ready"] == true, "the Python consumer said {ready}");
         Ok(Self {
-            lines,
+            records,
             _child: child,
             seen: HashMap::new(),
         })
@@ -80,12 +95,11 @@ impl PythonConsumer {
             if tokio::time::Instant::now() >= deadline {
                 bail!("timed out waiting for {what}");
             }
-            let line = tokio::time::timeout(Duration::from_millis(500), self.lines.next_line())
+            let record = tokio::time::timeout(Duration::from_millis(500), self.records.recv())
                 .await
                 .ok();
-            if let Some(line) = line {
-                let line = line?.context("the Python consumer exited")?;
-                let record: Json = serde_json::from_str(&line)?;
+            if let Some(record) = record {
+                let record = record.context("the Python consumer's output")??;
                 let id = record["message_id"].as_str().context("message_id")?;
                 self.seen.insert(id.to_owned(), record);
             }
@@ -174,20 +188,27 @@ async fn a_python_consumer_decodes_every_event_of_a_checkout_as_the_asyncapi_doc
     // The consumer has read every event the outboxes hold, and together
     // they are every publication the document names.
     let mut published = BTreeMap::new();
+    let mut unread = Vec::new();
     python
         .read_until(
             "every outbox row and every documented event",
             async |seen| {
                 published = outboxes(&system).await?;
+                unread = published
+                    .iter()
+                    .filter(|(id, _)| !seen.contains_key(*id))
+                    .map(|(id, (source, event_type))| format!("{id} ({source} {event_type})"))
+                    .collect();
                 let observed: BTreeSet<(String, String)> = published.values().cloned().collect();
-                Ok(published.keys().all(|id| seen.contains_key(id)) && observed == documented)
+                Ok(unread.is_empty() && observed == documented)
             },
         )
         .await
         .with_context(|| {
             let observed: BTreeSet<(String, String)> = published.values().cloned().collect();
             format!(
-                "documented but not published: {:?}; published but not documented: {:?}",
+                "documented but not published: {:?}; published but not documented: {:?}; \
+                 in an outbox but not read by the consumer: {unread:?}",
                 documented.difference(&observed).collect::<Vec<_>>(),
                 observed.difference(&documented).collect::<Vec<_>>()
             )
@@ -237,6 +258,19 @@ async fn a_python_consumer_decodes_every_event_of_a_checkout_as_the_asyncapi_doc
             assert!(headers.contains_key(*name), "{event_type} lacks {name}");
         }
         assert_eq!(record["unknown_fields"], 0, "{record}");
+    }
+    // Every header the relay is documented to write was written (those
+    // starting with x- come only with retries, dead letters and replays).
+    let written: BTreeSet<&str> = published
+        .keys()
+        .flat_map(|id| python.seen[id]["headers"].as_object())
+        .flat_map(|headers| headers.keys().map(String::as_str))
+        .collect();
+    for name in allowed.iter().filter(|name| !name.starts_with("x-")) {
+        assert!(
+            written.contains(name),
+            "no event carried the documented header {name}"
+        );
     }
 
     // The payloads decode to what happened.

@@ -66,7 +66,11 @@ async fn health_and_errors_follow_the_database_and_the_broker_and_recover() -> R
         broker.track(&format!("{}{queue}", subscriber.queue_prefix));
     }
     for n in 1..subscriber.max_attempts {
-        broker.track(&format!("{}user.events.retry.{n}", subscriber.queue_prefix));
+        broker.track(&shop_subscriber::topology::retry_queue(
+            &format!("{}user.events", subscriber.queue_prefix),
+            subscriber.queue_kind,
+            n,
+        ));
     }
     let any: SocketAddr = "127.0.0.1:0".parse()?;
     let app = user_service::build(user_service::Settings {

@@ -188,7 +188,11 @@ impl Checkout {
             broker.track(&queue);
             broker.track(&format!("{queue}.dlq"));
             for n in 1..subscriber.max_attempts {
-                broker.track(&format!("{queue}.retry.{n}"));
+                broker.track(&shop_subscriber::topology::retry_queue(
+                    &queue,
+                    subscriber.queue_kind,
+                    n,
+                ));
             }
             work_queues.push(queue);
         }

@@ -23,11 +23,13 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value, json};
 use shop_outbox::{PROTOBUF_CONTENT_TYPE, Publication};
+use shop_subscriber::dlq::REPLAY_HEADER;
 use shop_subscriber::subscriber::{
-    ATTEMPT_HEADER, ATTEMPTS_HEADER, ORIGINAL_QUEUE_HEADER, REASON_HEADER,
+    ATTEMPT_HEADER, ATTEMPTS_HEADER, ORIGINAL_QUEUE_HEADER, ORIGINAL_ROUTING_KEY_HEADER,
+    REASON_HEADER,
 };
 use shop_subscriber::topology::{QueueDeclaration, QueueRole};
-use shop_subscriber::{SubscriberSettings, Topology};
+use shop_subscriber::{QueueKind, SubscriberSettings, Topology};
 
 /// AsyncAPI's name for protobuf schemas.
 pub const PROTOBUF_SCHEMA_FORMAT: &str = "application/vnd.google.protobuf;version=3";
@@ -107,9 +109,15 @@ pub fn services(settings: &SubscriberSettings) -> Result<Vec<Service>> {
     ])
 }
 
-/// The subscriber settings every service starts with when none are given.
+/// The subscriber settings every service starts with when none are given,
+/// whatever this process's environment says.
 pub fn default_settings() -> SubscriberSettings {
-    SubscriberSettings::new("amqp://localhost:5672/%2f")
+    let mut settings = SubscriberSettings::new("amqp://localhost:5672/%2f");
+    settings.exchange = shop_subscriber::settings::DEFAULT_EXCHANGE.to_owned();
+    settings.queue_prefix = String::new();
+    settings.queue_kind = QueueKind::Quorum;
+    settings.max_attempts = shop_subscriber::settings::DEFAULT_MAX_ATTEMPTS;
+    settings
 }
 
 /// `asyncapi.yaml` for the default settings.
@@ -184,11 +192,15 @@ pub fn headers_schema() -> Value {
             "ce-source": old("source"),
             "ce-type": old("type"),
             "ce-time": old("time"),
-            ATTEMPT_HEADER: {"type": "integer", "description": "On a message back from a retry queue: the attempt it is now on (2 for the first retry)."},
+            ATTEMPT_HEADER: {"type": "integer", "description": "Set by a subscriber when it sends a message to a retry queue: the attempt the message will be on when it comes back (2 for the first retry); kept on a dead letter, and set to 1 again by a replay. Absent means 1."},
             REASON_HEADER: text("On a dead-lettered message: why it failed for good."),
             ATTEMPTS_HEADER: {"type": "integer", "description": "On a dead-lettered message: the attempts made."},
             ORIGINAL_QUEUE_HEADER: text("On a dead-lettered message: the work queue it failed in."),
-            "x-original-routing-key": text("On a retried or dead-lettered message: its routing key on the events exchange."),
+            ORIGINAL_ROUTING_KEY_HEADER: text("On a retried or dead-lettered message: its routing key on the events exchange (it comes back from a retry queue under the work queue's name)."),
+            REPLAY_HEADER: text("On a message shop-dlq replayed: the id of the replay run, so a run stops when it meets its own messages again."),
+        },
+        "additionalProperties": {
+            "description": "Headers the broker adds: x-death, x-first-death-* and x-last-death-* on a message that was dead-lettered by the broker (back from a retry queue, or sent to the dead-letter queue by a quorum queue's delivery limit).",
         }
     })
 }
@@ -237,11 +249,13 @@ fn queue_channel(
 ) -> Value {
     let description = match declaration.role {
         QueueRole::Work => format!(
-            "Work queue of {consumer}, bound to the {} exchange by the routing keys in \
-             x-bindings. A message that fails is retried through {}.retry.N after a \
-             back-off, and after {} attempts goes to {}.",
+            "Work queue of {consumer}'s subscriber `{}` (its inbox key), bound to the {} \
+             exchange by the routing keys in x-bindings. A message that fails waits in a \
+             retry queue ({} for the first failure, and so on) for a back-off, and after {} \
+             attempts goes to {}.",
+            topology.consumer,
             topology.exchange,
-            topology.queue,
+            topology.retry_queue(1),
             topology.max_attempts,
             topology.dead_letter_queue()
         ),
@@ -253,8 +267,10 @@ fn queue_channel(
         ),
         QueueRole::DeadLetter => format!(
             "Messages {consumer} failed on for good, with headers saying why \
-             ({REASON_HEADER}, {ATTEMPTS_HEADER}, {ORIGINAL_QUEUE_HEADER}). `shop-dlq` lists, \
-             replays or drops them."
+             ({REASON_HEADER}, {ATTEMPTS_HEADER}, {ORIGINAL_QUEUE_HEADER}), and messages the \
+             work queue dead-lettered itself after its delivery limit (a message that keeps \
+             crashing the consumer before it can be acknowledged; these carry the broker's \
+             x-death headers instead). `shop-dlq` lists and replays them."
         ),
     };
     let mut channel = json!({
@@ -302,6 +318,13 @@ pub fn document(services: &[Service]) -> Result<Value> {
             let entry = producers
                 .entry(publication.event_type.as_str())
                 .or_insert_with(|| (Vec::new(), publication.aggregate));
+            anyhow::ensure!(
+                entry.1 == publication.aggregate,
+                "{} is published on {} and on {} aggregates",
+                publication.event_type,
+                entry.1,
+                publication.aggregate
+            );
             entry.0.push(service.source());
         }
     }
@@ -311,6 +334,10 @@ pub fn document(services: &[Service]) -> Result<Value> {
     let mut operations = Map::new();
     for (event_type, (sources, aggregate)) in &producers {
         let short = short_name(event_type);
+        anyhow::ensure!(
+            !messages.contains_key(short),
+            "two published event types are named {short}"
+        );
         messages.insert(short.to_owned(), message(event_type, aggregate, sources)?);
         channels.insert(
             id(short),
@@ -348,9 +375,11 @@ pub fn document(services: &[Service]) -> Result<Value> {
         for topology in &service.subscribes {
             let consumer = service.source();
             let mut handled = Map::new();
-            for key in &topology.routing_keys {
+            // The bound types, and those a retired binding may have left
+            // queued, which the subscriber still handles.
+            for key in topology.routing_keys.iter().chain(&topology.retired_keys) {
                 let short = short_name(key);
-                if !messages.contains_key(short) {
+                if messages.get(short).map(|message| &message["name"]) != Some(&json!(key)) {
                     anyhow::bail!(
                         "{consumer} binds {key} to {}, but no service publishes it",
                         topology.queue

@@ -6,7 +6,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Confirmation, Connection};
 
-use crate::subscriber::{ATTEMPT_HEADER, ATTEMPTS_HEADER, REASON_HEADER, header_str};
+use crate::subscriber::{
+    ATTEMPT_HEADER, ATTEMPTS_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, header_str,
+};
 use crate::topology::dead_letter_queue;
 
 /// Header naming the replay run that last re-published a dead letter.
@@ -23,6 +25,8 @@ pub struct DeadLetter {
     pub reason: Option<String>,
     /// Attempts made before.
     pub attempts: Option<u32>,
+    /// Its routing key on the events exchange.
+    pub original_routing_key: Option<String>,
     /// Payload size in bytes.
     pub payload_bytes: usize,
 }
@@ -52,6 +56,7 @@ pub async fn list(conn: &Connection, queue: &str) -> anyhow::Result<Vec<DeadLett
                     AMQPValue::LongUInt(n) => Some(n),
                     _ => None,
                 }),
+            original_routing_key: header_str(properties, ORIGINAL_ROUTING_KEY_HEADER),
             payload_bytes: message.delivery.data.len(),
         });
         last_tag = Some(message.delivery.delivery_tag);

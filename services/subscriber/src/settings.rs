@@ -8,6 +8,11 @@ use shop_broker::BrokerSettings;
 
 use crate::topology::QueueKind;
 
+/// The events exchange when none is given.
+pub const DEFAULT_EXCHANGE: &str = "shop.events";
+/// Attempts before dead-lettering when none are given.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+
 /// How a service consumes its events.
 #[derive(Debug, Clone, Args)]
 pub struct SubscriberSettings {
@@ -16,7 +21,7 @@ pub struct SubscriberSettings {
     pub broker: BrokerSettings,
 
     /// Topic exchange the events are published on.
-    #[arg(long, env = "EVENTS_EXCHANGE", default_value = "shop.events")]
+    #[arg(long, env = "EVENTS_EXCHANGE", default_value = DEFAULT_EXCHANGE)]
     pub exchange: String,
 
     /// Prefix of every queue name, to run several systems on one broker.
@@ -46,7 +51,7 @@ pub struct SubscriberSettings {
     pub batch_size: u16,
 
     /// Attempts before a failing message goes to the dead-letter queue.
-    #[arg(long, env = "SUBSCRIBER_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    #[arg(long, env = "SUBSCRIBER_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub max_attempts: u32,
 
     /// Delay before the first retry; doubles per attempt.

@@ -61,6 +61,10 @@ pub const REASON_HEADER: &str = "x-dead-letter-reason";
 pub const ATTEMPTS_HEADER: &str = "x-attempts";
 /// Header on a dead-lettered message: the queue it failed in.
 pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
+/// Header on a retried or dead-lettered message: its routing key on the
+/// events exchange (a message back from a retry queue arrives under the
+/// work queue's name).
+pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 
 /// Longest wait for the broker to confirm or accept an acknowledgement.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -170,6 +174,7 @@ impl SubscriberBuilder {
         let mut retired_keys = self.retired;
         retired_keys.sort();
         let topology = Topology {
+            consumer: self.consumer.clone(),
             exchange: self.settings.exchange.clone(),
             queue: format!("{}{}", self.settings.queue_prefix, self.queue),
             routing_keys,
@@ -262,8 +267,7 @@ impl Subscriber {
             .broker
             .connect(&self.inner.consumer)
             .await?;
-        let channel = conn.create_channel().await?;
-        self.inner.topology.declare(&channel).await?;
+        self.inner.topology.declare(&conn).await?;
         let _ = conn.close(200, "OK".into()).await;
         Ok(())
     }
@@ -309,12 +313,12 @@ impl Subscriber {
             _ = shutdown.cancelled() => return Ok(()),
             conn = inner.settings.broker.connect(&inner.consumer) => conn?,
         };
-        let channel = conn.create_channel().await?;
         inner
             .topology
-            .declare(&channel)
+            .declare(&conn)
             .await
             .context("failed to declare the subscriber's queues")?;
+        let channel = conn.create_channel().await?;
         let publisher = conn.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -831,6 +835,7 @@ impl Inner {
                 tracing::warn!(consumer = %self.consumer, attempt, ?delay, %reason, "handler failed; will retry");
                 let mut headers = headers_of(&delivery.properties);
                 headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt + 1));
+                keep_original_routing_key(&mut headers, delivery);
                 let properties = delivery
                     .properties
                     .clone()
@@ -860,10 +865,7 @@ impl Inner {
                     ORIGINAL_QUEUE_HEADER,
                     AMQPValue::LongString(LongString::from(self.topology.queue.as_str())),
                 );
-                put(
-                    "x-original-routing-key",
-                    AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
-                );
+                keep_original_routing_key(&mut headers, delivery);
                 let properties = delivery.properties.clone().with_headers(headers);
                 publish_confirmed(
                     publisher,
@@ -914,6 +916,19 @@ async fn publish_confirmed(
     Ok(())
 }
 
+/// Records the delivery's routing key as the original one, unless an
+/// earlier retry already did (the delivery then came back from a retry
+/// queue under the work queue's name).
+fn keep_original_routing_key(headers: &mut FieldTable, delivery: &Delivery) {
+    let key = ShortString::from(ORIGINAL_ROUTING_KEY_HEADER);
+    if !headers.inner().contains_key(&key) {
+        headers.insert(
+            key,
+            AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
+        );
+    }
+}
+
 /// Reads the metadata of a delivery; the error is a dead-letter reason.
 fn metadata(delivery: &Delivery) -> Result<Metadata, String> {
     let properties = &delivery.properties;
@@ -926,7 +941,7 @@ fn metadata(delivery: &Delivery) -> Result<Metadata, String> {
         .kind()
         .as_ref()
         .map(|kind| kind.to_string())
-        .or_else(|| header_str(properties, "x-original-routing-key"))
+        .or_else(|| header_str(properties, ORIGINAL_ROUTING_KEY_HEADER))
         .unwrap_or_else(|| delivery.routing_key.to_string());
     Ok(Metadata {
         message_id,

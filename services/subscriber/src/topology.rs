@@ -1,17 +1,22 @@
 //! The broker objects one subscriber owns, and their names.
 //!
 //! For a work queue `Q` bound to the events exchange:
-//! - `Q.retry.N` holds messages after their N-th failure until their
-//!   per-message TTL expires; the broker then dead-letters them through the
-//!   default exchange straight back to `Q` (not through the topic exchange,
-//!   so no other subscriber sees the retry);
+//! - `Q.retry.quorum.N` (`Q.retry.N` for classic queues) holds messages
+//!   after their N-th failure until their per-message TTL expires; the
+//!   broker then dead-letters them through the default exchange straight
+//!   back to `Q` (not through the topic exchange, so no other subscriber
+//!   sees the retry). Quorum retry queues are replicated like the work
+//!   queue and dead-letter at least once (`x-dead-letter-strategy`), so a
+//!   message waiting for its retry survives the loss of a broker node;
 //! - `Q.dlq` holds messages that failed for good, with headers saying why.
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 /// Kind of the work queue and its dead-letter queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,6 +59,9 @@ pub struct QueueDeclaration {
 /// The names and shape of one subscriber's queues.
 #[derive(Debug, Clone)]
 pub struct Topology {
+    /// The subscriber's name: its AMQP connection name, and its key in the
+    /// inbox.
+    pub consumer: String,
     /// Topic exchange the events arrive on.
     pub exchange: String,
     /// Work queue.
@@ -73,7 +81,18 @@ pub struct Topology {
 impl Topology {
     /// Delay queue for messages that failed `failures` times.
     pub fn retry_queue(&self, failures: u32) -> String {
-        format!("{}.retry.{failures}", self.queue)
+        retry_queue(&self.queue, self.kind, failures)
+    }
+
+    /// Classic delay queues that versions before replicated retry queues
+    /// declared for a quorum work queue; removed once empty.
+    pub fn retired_retry_queues(&self) -> Vec<String> {
+        match self.kind {
+            QueueKind::Quorum => (1..self.max_attempts)
+                .map(|n| retry_queue(&self.queue, QueueKind::Classic, n))
+                .collect(),
+            QueueKind::Classic => Vec::new(),
+        }
     }
 
     /// Dead-letter queue.
@@ -119,7 +138,14 @@ impl Topology {
             },
         ];
         for failures in 1..self.max_attempts {
-            let mut arguments = FieldTable::default();
+            let mut arguments = self.kind_args();
+            if self.kind == QueueKind::Quorum {
+                // A message leaves the retry queue only once the work queue
+                // has it; publishes are refused rather than messages dropped
+                // while the queue is full.
+                insert_str(&mut arguments, "x-dead-letter-strategy", "at-least-once");
+                insert_str(&mut arguments, "x-overflow", "reject-publish");
+            }
             insert_str(&mut arguments, "x-dead-letter-exchange", "");
             insert_str(&mut arguments, "x-dead-letter-routing-key", &self.queue);
             declarations.push(QueueDeclaration {
@@ -131,8 +157,40 @@ impl Topology {
         declarations
     }
 
-    /// Declares the exchange, the queues and the bindings (idempotent).
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    /// Declares the exchange, the queues and the bindings (idempotent), on
+    /// a channel of its own, and removes retired retry queues that are
+    /// empty.
+    pub async fn declare(&self, connection: &Connection) -> lapin::Result<()> {
+        let channel = connection.create_channel().await?;
+        self.declare_on(&channel).await?;
+        let _ = channel.close(200, "OK".into()).await;
+        for queue in self.retired_retry_queues() {
+            // Each on a channel of its own: the broker closes the channel
+            // when the queue still holds messages (they still flow back to
+            // the work queue; a later start removes it) or its node is down.
+            let channel = connection.create_channel().await?;
+            let deleted = channel
+                .queue_delete(
+                    queue.as_str().into(),
+                    QueueDeleteOptions {
+                        if_empty: true,
+                        ..Default::default()
+                    },
+                )
+                .await;
+            match deleted {
+                Ok(_) => {
+                    let _ = channel.close(200, "OK".into()).await;
+                }
+                Err(error) => {
+                    tracing::info!(%queue, %error, "retired retry queue kept for now");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn declare_on(&self, channel: &Channel) -> lapin::Result<()> {
         channel
             .exchange_declare(
                 self.exchange.as_str().into(),
@@ -178,6 +236,15 @@ impl Topology {
             insert_str(&mut args, "x-queue-type", "quorum");
         }
         args
+    }
+}
+
+/// Delay queue of work queue `queue` (of kind `kind`) for messages that
+/// failed `failures` times.
+pub fn retry_queue(queue: &str, kind: QueueKind, failures: u32) -> String {
+    match kind {
+        QueueKind::Quorum => format!("{queue}.retry.quorum.{failures}"),
+        QueueKind::Classic => format!("{queue}.retry.{failures}"),
     }
 }
 
@@ -232,6 +299,7 @@ mod tests {
     #[test]
     fn one_retry_queue_per_failure_before_the_last_attempt() {
         let topology = Topology {
+            consumer: "inventory".into(),
             exchange: "shop.events".into(),
             queue: "inventory.events".into(),
             routing_keys: vec![],
@@ -244,9 +312,13 @@ mod tests {
             vec![
                 "inventory.events",
                 "inventory.events.dlq",
-                "inventory.events.retry.1",
-                "inventory.events.retry.2"
+                "inventory.events.retry.quorum.1",
+                "inventory.events.retry.quorum.2"
             ]
+        );
+        assert_eq!(
+            topology.retired_retry_queues(),
+            vec!["inventory.events.retry.1", "inventory.events.retry.2"]
         );
     }
 }

@@ -181,6 +181,11 @@ async fn a_message_that_keeps_failing_is_retried_with_backoff_then_dead_lettered
         Some(id.to_string().as_str())
     );
     assert_eq!(letters[0].attempts, Some(3));
+    assert_eq!(
+        letters[0].original_routing_key.as_deref(),
+        Some("shop.events.v1.OrderPlaced"),
+        "the routing key it was published with, not the queue it came back by"
+    );
     assert!(
         letters[0]
             .reason
@@ -433,6 +438,130 @@ async fn cloud_events_attributes_are_read_under_the_amqp_binding_and_the_older_h
                 Some(time("2026-11-29T10:00:00.000001Z")?)
             ),
         ]
+    );
+    Ok(())
+}
+
+/// Whether `queue` exists (asked on a channel of its own, which the broker
+/// closes when it does not).
+async fn queue_exists(setup: &Setup, queue: &str) -> Result<bool> {
+    let conn = setup.broker.connect().await?;
+    let channel = conn.create_channel().await?;
+    let exists = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(200, "OK".into()).await;
+    Ok(exists)
+}
+
+#[tokio::test]
+async fn upgrading_to_replicated_retry_queues_strands_no_message_waiting_in_the_classic_ones()
+-> Result<()> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    use prost::Message;
+
+    let setup = Setup::new().await?;
+    let recorder = Recorder::new(Mode::Apply);
+    let subscriber = setup.subscriber(&recorder);
+    let retired = subscriber.topology().retired_retry_queues();
+    for queue in &retired {
+        setup.broker.track(queue);
+    }
+    assert!(
+        subscriber
+            .topology()
+            .retry_queue(1)
+            .contains(".retry.quorum."),
+        "quorum work queues get quorum retry queues"
+    );
+
+    // What an earlier version left: its classic retry queues, the first
+    // holding a message that waits 8 s for its retry.
+    let conn = setup.broker.connect().await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    for queue in &retired {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(setup.queue.as_str())),
+        );
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?;
+    }
+    let waiting = Uuid::now_v7();
+    let payload = shop_proto::events::v1::OrderPlaced {
+        order_id: "order-waiting".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "aggregate_id".into(),
+        AMQPValue::LongString(LongString::from("order-waiting")),
+    );
+    headers.insert("x-attempt".into(), AMQPValue::LongUInt(2));
+    channel
+        .basic_publish(
+            "".into(),
+            retired[0].as_str().into(),
+            BasicPublishOptions::default(),
+            &payload,
+            lapin::BasicProperties::default()
+                .with_message_id(waiting.to_string().as_str().into())
+                .with_type("shop.events.v1.OrderPlaced".into())
+                .with_expiration("8000".into())
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await?
+        .await?;
+    let _ = conn.close(200, "OK".into()).await;
+
+    // The new version keeps the one still holding a message and removes
+    // the empty ones.
+    subscriber.declare().await?;
+    assert!(
+        queue_exists(&setup, &retired[0]).await?,
+        "a non-empty one was removed"
+    );
+    for queue in &retired[1..] {
+        assert!(!queue_exists(&setup, queue).await?, "{queue} was kept");
+    }
+
+    // The waiting message still comes back to the work queue and is
+    // applied; the next start removes the emptied queue.
+    let running = setup.start(&recorder).await?;
+    let rows = setup.wait_applied("order-waiting").await?;
+    assert_eq!(rows.len(), 1);
+    running.stop().await?;
+    setup.subscriber(&recorder).declare().await?;
+    assert!(
+        !queue_exists(&setup, &retired[0]).await?,
+        "the emptied queue is still there"
     );
     Ok(())
 }

@@ -44,6 +44,8 @@ pub struct System {
     /// The broker's URL, and the topic exchange the events go to.
     pub amqp_url: String,
     pub exchange: String,
+    /// Prefix of every queue the services declare.
+    pub queue_prefix: String,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
     payment_settings: payment_service::Settings,
@@ -109,7 +111,11 @@ impl System {
             broker.track(&queue);
             broker.track(&format!("{queue}.dlq"));
             for n in 1..subscriber.max_attempts {
-                broker.track(&format!("{queue}.retry.{n}"));
+                broker.track(&shop_subscriber::topology::retry_queue(
+                    &queue,
+                    subscriber.queue_kind,
+                    n,
+                ));
             }
         }
         let auth = match &options.auth_secret {
@@ -263,6 +269,7 @@ impl System {
             user_db,
             amqp_url: broker.url.clone(),
             exchange,
+            queue_prefix: format!("{prefix}."),
             _broker: broker,
         })
     }

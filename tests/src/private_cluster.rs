@@ -1,0 +1,258 @@
+//! A RabbitMQ cluster of a test's own, for tests that kill broker nodes.
+//!
+//! The nodes run from this machine's RabbitMQ installation, each with its
+//! own node name, ports and data directory, sharing one private Erlang port
+//! mapper and one cookie under a temporary directory. Nodes 2.. join node 1
+//! at start. A node is killed with SIGKILL (no shutdown, as in a crash) and
+//! restarted on its data directory, where it rejoins the cluster.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use uuid::Uuid;
+
+use crate::private_broker::{RABBITMQ_BIN, free_ports};
+
+/// Longest wait for a node to start, join or come back.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A cluster started for one test, stopped when dropped.
+#[derive(Debug)]
+pub struct PrivateCluster {
+    dir: PathBuf,
+    epmd: Child,
+    nodes: Vec<ClusterNode>,
+}
+
+#[derive(Debug)]
+struct ClusterNode {
+    name: String,
+    url: String,
+    env: Vec<(&'static str, String)>,
+    server: Option<Child>,
+}
+
+impl ClusterNode {
+    fn spawn(&mut self) -> Result<()> {
+        let server = Command::new(format!("{RABBITMQ_BIN}/rabbitmq-server"))
+            .envs(self.env.iter().map(|(k, v)| (*k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group, so a kill reaches every process the
+            // script starts.
+            .process_group(0)
+            .spawn()
+            .context("failed to start rabbitmq-server")?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{}", server.id())])
+                .status();
+            let _ = server.wait();
+        }
+    }
+
+    async fn rabbitmqctl(&self, args: &[&str]) -> Result<String> {
+        let output = tokio::process::Command::new(format!("{RABBITMQ_BIN}/rabbitmqctl"))
+            .envs(self.env.iter().map(|(k, v)| (*k, v)))
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("failed to run rabbitmqctl")?;
+        if !output.status.success() {
+            bail!(
+                "rabbitmqctl {args:?} on {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    async fn await_startup(&self) -> Result<()> {
+        // `await_startup` fails at once while the node has not registered
+        // with the port mapper yet, so it is asked again until it answers.
+        let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            match self.rabbitmqctl(&["await_startup"]).await {
+                Ok(_) => return Ok(()),
+                Err(error) if tokio::time::Instant::now() > deadline => {
+                    return Err(error.context(format!("node {} did not start", self.name)));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+}
+
+impl PrivateCluster {
+    /// Starts `size` nodes and clusters them. Needs the local RabbitMQ
+    /// installation (`/usr/lib/rabbitmq/bin`).
+    pub async fn start(size: usize) -> Result<Self> {
+        anyhow::ensure!(size >= 1, "a cluster has at least one node");
+        anyhow::ensure!(
+            std::path::Path::new(RABBITMQ_BIN)
+                .join("rabbitmq-server")
+                .exists(),
+            "a private RabbitMQ cluster needs RabbitMQ installed in {RABBITMQ_BIN}"
+        );
+        let dir = std::env::temp_dir().join(format!("shop-cluster-{}", Uuid::new_v4().simple()));
+        let home = dir.join("home");
+        std::fs::create_dir_all(&home)?;
+        let cookie = home.join(".erlang.cookie");
+        std::fs::write(&cookie, Uuid::new_v4().simple().to_string())?;
+        std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
+        std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
+        std::fs::write(dir.join("rabbitmq.conf"), "")?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        let [epmd_port, cli_port] = free_ports()?;
+        let epmd = Command::new("epmd")
+            .args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("failed to start epmd")?;
+        let mut cluster = Self {
+            dir: dir.clone(),
+            epmd,
+            nodes: Vec::new(),
+        };
+        for index in 0..size {
+            let [amqp_port, dist_port] = free_ports()?;
+            let name = format!("shop{amqp_port}@localhost");
+            let path = |p: &str| dir.join(p).display().to_string();
+            let node_path = |p: &str| {
+                dir.join(format!("node{index}"))
+                    .join(p)
+                    .display()
+                    .to_string()
+            };
+            let env = vec![
+                ("HOME", home.display().to_string()),
+                ("RABBITMQ_CONF_ENV_FILE", path("rabbitmq-env.conf")),
+                ("RABBITMQ_CONFIG_FILE", path("rabbitmq.conf")),
+                ("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins")),
+                ("RABBITMQ_MNESIA_BASE", node_path("mnesia")),
+                ("RABBITMQ_LOG_BASE", node_path("log")),
+                ("RABBITMQ_NODENAME", name.clone()),
+                ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_owned()),
+                ("RABBITMQ_NODE_PORT", amqp_port.to_string()),
+                ("RABBITMQ_DIST_PORT", dist_port.to_string()),
+                ("ERL_EPMD_PORT", epmd_port.to_string()),
+                ("ERL_EPMD_ADDRESS", "127.0.0.1".to_owned()),
+                ("RABBITMQ_CTL_DIST_PORT_MIN", cli_port.to_string()),
+                ("RABBITMQ_CTL_DIST_PORT_MAX", cli_port.to_string()),
+            ];
+            let mut node = ClusterNode {
+                name,
+                url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"),
+                env,
+                server: None,
+            };
+            node.spawn()?;
+            cluster.nodes.push(node);
+        }
+        for node in &cluster.nodes {
+            node.await_startup().await?;
+        }
+        let first = cluster.nodes[0].name.clone();
+        for node in &cluster.nodes[1..] {
+            node.rabbitmqctl(&["stop_app"]).await?;
+            node.rabbitmqctl(&["join_cluster", &first]).await?;
+            node.rabbitmqctl(&["start_app"]).await?;
+            node.await_startup().await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Every node's AMQP URL, comma-separated (what `--amqp-url` takes).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| node.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `index`'s AMQP URL.
+    pub fn url(&self, index: usize) -> &str {
+        &self.nodes[index].url
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the cluster has no node.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The index of the node leading each quorum queue whose name starts
+    /// with `prefix`, asked of a running node.
+    pub async fn leaders(&self, prefix: &str) -> Result<Vec<(String, usize)>> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|node| node.server.is_some())
+            .context("no node is running")?;
+        let listing = node
+            .rabbitmqctl(&[
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "type",
+                "leader",
+            ])
+            .await?;
+        let mut leaders = Vec::new();
+        for line in listing.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if let [name, "quorum", leader] = fields.as_slice()
+                && name.starts_with(prefix)
+            {
+                let index = self
+                    .nodes
+                    .iter()
+                    .position(|node| node.name == *leader)
+                    .with_context(|| format!("{name} is led by unknown node {leader}"))?;
+                leaders.push(((*name).to_owned(), index));
+            }
+        }
+        Ok(leaders)
+    }
+
+    /// Kills node `index` with SIGKILL: no shutdown, its connections drop.
+    pub fn kill(&mut self, index: usize) {
+        self.nodes[index].kill();
+    }
+
+    /// Starts node `index` again on its data and waits until it is up.
+    pub async fn restart(&mut self, index: usize) -> Result<()> {
+        self.nodes[index].spawn()?;
+        self.nodes[index].await_startup().await
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        let _ = self.epmd.kill();
+        let _ = self.epmd.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
