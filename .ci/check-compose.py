@@ -55,6 +55,44 @@ for name, service in services.items():
         if not command:
             errors.append(f"{name}: uses a database but runs no command of ours")
 
+# The cluster profile: the RabbitMQ nodes form one cluster, and every
+# service and relay lists every node.
+nodes = {
+    name: service
+    for name, service in services.items()
+    if str(service.get("image", "")).startswith("rabbitmq:")
+}
+peers = compose["configs"].get("rabbitmq-cluster", {}).get("content", "")
+listed = set(re.findall(r"classic_config\.nodes\.\d+ = rabbit@([\w-]+)", peers))
+if len(nodes) < 3:
+    errors.append(f"cluster profile: {len(nodes)} RabbitMQ nodes, expected 3")
+cookies = set()
+for name, node in nodes.items():
+    if node.get("hostname") != name:
+        errors.append(f"{name}: its hostname (so its node name) must be {name}")
+    if name not in listed:
+        errors.append(f"{name}: not among the cluster's peers in rabbitmq-cluster")
+    cookies.add((node.get("environment") or {}).get("RABBITMQ_ERLANG_COOKIE"))
+    if "cluster" not in (node.get("profiles") or ["cluster"]):
+        errors.append(f"{name}: a peer node outside the cluster profile")
+    if node.get("profiles") and not any(
+        c.get("source") == "rabbitmq-cluster" for c in node.get("configs", [])
+    ):
+        errors.append(f"{name}: joins no cluster (no rabbitmq-cluster config)")
+if len(cookies) != 1 or None in cookies:
+    errors.append("cluster profile: the RabbitMQ nodes must share one Erlang cookie")
+for name, service in services.items():
+    url = (service.get("environment") or {}).get("AMQP_URL")
+    if not url:
+        continue
+    hosts = set(re.findall(r"@([\w-]+):5672", url))
+    if hosts != set(nodes):
+        errors.append(f"{name}: AMQP_URL lists {sorted(hosts)}, not every node {sorted(nodes)}")
+    deps = service.get("depends_on") or {}
+    for node, spec in nodes.items():
+        if "profiles" in spec and node in deps and deps[node].get("required", True):
+            errors.append(f"{name}: requires {node}, which only the cluster profile starts")
+
 for binary in re.findall(r"target/release/([\w-]+)", dockerfile):
     if binary not in binaries:
         errors.append(f"Dockerfile copies {binary}, which the workspace does not build")

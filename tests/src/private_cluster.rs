@@ -1,10 +1,14 @@
 //! A RabbitMQ cluster of a test's own, for tests that kill broker nodes.
 //!
-//! The nodes run from this machine's RabbitMQ installation, each with its
-//! own node name, ports and data directory, sharing one private Erlang port
-//! mapper and one cookie under a temporary directory. Nodes 2.. join node 1
-//! at start. A node is killed with SIGKILL (no shutdown, as in a crash) and
-//! restarted on its data directory, where it rejoins the cluster.
+//! With servers from the environment, the nodes run from this machine's
+//! RabbitMQ installation, each with its own node name, ports and data
+//! directory, sharing one private Erlang port mapper and one cookie under a
+//! temporary directory; nodes 2.. join node 1 with `join_cluster`. Otherwise
+//! each node is a container on a network of the test's own, joining the
+//! first by peer discovery from config, its AMQP port published on a fixed
+//! host port so that a restarted node keeps its URL. A node is killed with
+//! SIGKILL (no shutdown, as in a crash) and restarted on its data, where it
+//! rejoins the cluster.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -12,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use testcontainers_modules::rabbitmq::RabbitMq;
+use testcontainers_modules::testcontainers::ContainerAsync;
 use uuid::Uuid;
 
 use crate::private_broker::{RABBITMQ_BIN, free_ports};
@@ -22,8 +28,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(240);
 /// A cluster started for one test, stopped when dropped.
 #[derive(Debug)]
 pub struct PrivateCluster {
-    dir: PathBuf,
-    epmd: Child,
+    /// The local nodes' directory and port mapper (none for containers).
+    local: Option<(PathBuf, Child)>,
     nodes: Vec<ClusterNode>,
 }
 
@@ -31,37 +37,79 @@ pub struct PrivateCluster {
 struct ClusterNode {
     name: String,
     url: String,
-    env: Vec<(&'static str, String)>,
-    server: Option<Child>,
+    process: Process,
+}
+
+#[derive(Debug)]
+enum Process {
+    Local {
+        env: Vec<(&'static str, String)>,
+        server: Option<Child>,
+    },
+    Container {
+        container: Box<ContainerAsync<RabbitMq>>,
+        running: bool,
+    },
 }
 
 impl ClusterNode {
-    fn spawn(&mut self) -> Result<()> {
-        let server = Command::new(format!("{RABBITMQ_BIN}/rabbitmq-server"))
-            .envs(self.env.iter().map(|(k, v)| (*k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            // Its own process group, so a kill reaches every process the
-            // script starts.
-            .process_group(0)
-            .spawn()
-            .context("failed to start rabbitmq-server")?;
-        self.server = Some(server);
+    fn running(&self) -> bool {
+        match &self.process {
+            Process::Local { server, .. } => server.is_some(),
+            Process::Container { running, .. } => *running,
+        }
+    }
+
+    async fn start(&mut self) -> Result<()> {
+        match &mut self.process {
+            Process::Local { env, server } => {
+                *server = Some(spawn_server(env)?);
+            }
+            Process::Container { container, running } => {
+                container
+                    .start()
+                    .await
+                    .context("failed to restart the node")?;
+                *running = true;
+            }
+        }
         Ok(())
     }
 
-    fn kill(&mut self) {
-        if let Some(mut server) = self.server.take() {
-            let _ = Command::new("kill")
-                .args(["-s", "KILL", "--", &format!("-{}", server.id())])
-                .status();
-            let _ = server.wait();
+    async fn kill(&mut self) {
+        match &mut self.process {
+            Process::Local { server, .. } => {
+                if let Some(mut server) = server.take() {
+                    let _ = Command::new("kill")
+                        .args(["-s", "KILL", "--", &format!("-{}", server.id())])
+                        .status();
+                    let _ = server.wait();
+                }
+            }
+            Process::Container { container, running } => {
+                // A stop with no grace period is a SIGKILL.
+                let _ = container.stop_with_timeout(Some(0)).await;
+                *running = false;
+            }
         }
     }
 
     async fn rabbitmqctl(&self, args: &[&str]) -> Result<String> {
+        let env = match &self.process {
+            Process::Local { env, .. } => env,
+            Process::Container { container, .. } => {
+                use testcontainers_modules::testcontainers::core::ExecCommand;
+                let mut cmd = vec!["rabbitmqctl"];
+                cmd.extend_from_slice(args);
+                let mut result = container.exec(ExecCommand::new(cmd)).await?;
+                let stdout = result.stdout_to_vec().await?;
+                let code = result.exit_code().await?;
+                anyhow::ensure!(code == Some(0), "rabbitmqctl {args:?} exited with {code:?}");
+                return Ok(String::from_utf8_lossy(&stdout).into_owned());
+            }
+        };
         let output = tokio::process::Command::new(format!("{RABBITMQ_BIN}/rabbitmqctl"))
-            .envs(self.env.iter().map(|(k, v)| (*k, v)))
+            .envs(env.iter().map(|(k, v)| (*k, v)))
             .arg("-n")
             .arg(&self.name)
             .args(args)
@@ -95,17 +143,25 @@ impl ClusterNode {
     }
 }
 
+fn spawn_server(env: &[(&'static str, String)]) -> Result<Child> {
+    Command::new(format!("{RABBITMQ_BIN}/rabbitmq-server"))
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group, so a kill reaches every process the script
+        // starts.
+        .process_group(0)
+        .spawn()
+        .context("failed to start rabbitmq-server")
+}
+
 impl PrivateCluster {
-    /// Starts `size` nodes and clusters them. Needs the local RabbitMQ
-    /// installation (`/usr/lib/rabbitmq/bin`).
+    /// Starts `size` nodes and clusters them.
     pub async fn start(size: usize) -> Result<Self> {
         anyhow::ensure!(size >= 1, "a cluster has at least one node");
-        anyhow::ensure!(
-            std::path::Path::new(RABBITMQ_BIN)
-                .join("rabbitmq-server")
-                .exists(),
-            "a private RabbitMQ cluster needs RabbitMQ installed in {RABBITMQ_BIN}"
-        );
+        if crate::servers().await.containers.is_some() {
+            return Self::start_containers(size).await;
+        }
         let dir = std::env::temp_dir().join(format!("shop-cluster-{}", Uuid::new_v4().simple()));
         let home = dir.join("home");
         std::fs::create_dir_all(&home)?;
@@ -123,8 +179,7 @@ impl PrivateCluster {
             .spawn()
             .context("failed to start epmd")?;
         let mut cluster = Self {
-            dir: dir.clone(),
-            epmd,
+            local: Some((dir.clone(), epmd)),
             nodes: Vec::new(),
         };
         for index in 0..size {
@@ -153,14 +208,15 @@ impl PrivateCluster {
                 ("RABBITMQ_CTL_DIST_PORT_MIN", cli_port.to_string()),
                 ("RABBITMQ_CTL_DIST_PORT_MAX", cli_port.to_string()),
             ];
-            let mut node = ClusterNode {
+            let server = spawn_server(&env)?;
+            cluster.nodes.push(ClusterNode {
                 name,
                 url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"),
-                env,
-                server: None,
-            };
-            node.spawn()?;
-            cluster.nodes.push(node);
+                process: Process::Local {
+                    env,
+                    server: Some(server),
+                },
+            });
         }
         for node in &cluster.nodes {
             node.await_startup().await?;
@@ -171,6 +227,65 @@ impl PrivateCluster {
             node.rabbitmqctl(&["join_cluster", &first]).await?;
             node.rabbitmqctl(&["start_app"]).await?;
             node.await_startup().await?;
+        }
+        Ok(cluster)
+    }
+
+    /// The nodes as containers on a network of their own: the first starts
+    /// alone, the others join it at their first start (peer discovery from
+    /// config). Each node's AMQP port is published on a fixed host port, so
+    /// a restarted node keeps its URL.
+    async fn start_containers(size: usize) -> Result<Self> {
+        use testcontainers_modules::testcontainers::ImageExt;
+        use testcontainers_modules::testcontainers::core::IntoContainerPort;
+        use testcontainers_modules::testcontainers::runners::AsyncRunner;
+        let id = Uuid::new_v4().simple().to_string();
+        let network = format!("shop-cluster-{id}");
+        let hosts: Vec<String> = (0..size).map(|index| format!("rabbit{index}")).collect();
+        let peers: String = hosts
+            .iter()
+            .enumerate()
+            .map(|(index, host)| {
+                format!(
+                    "cluster_formation.classic_config.nodes.{} = rabbit@{host}\n",
+                    index + 1
+                )
+            })
+            .collect();
+        let config = format!("cluster_formation.peer_discovery_backend = classic_config\n{peers}");
+        let mut cluster = Self {
+            local: None,
+            nodes: Vec::new(),
+        };
+        for (index, host) in hosts.iter().enumerate() {
+            let [port] = free_ports()?;
+            let mut image = RabbitMq::default()
+                .with_tag(crate::RABBITMQ_TAG)
+                .with_network(&network)
+                .with_hostname(host)
+                .with_container_name(format!("{network}-{index}"))
+                .with_env_var("RABBITMQ_ERLANG_COOKIE", &id)
+                .with_mapped_port(port, 5672.tcp())
+                .with_startup_timeout(STARTUP_TIMEOUT);
+            if index > 0 {
+                image = image.with_copy_to(
+                    "/etc/rabbitmq/conf.d/20-cluster.conf",
+                    config.clone().into_bytes(),
+                );
+            }
+            let container = image
+                .start()
+                .await
+                .context("failed to start a RabbitMQ container")?;
+            let address = container.get_host().await?;
+            cluster.nodes.push(ClusterNode {
+                name: format!("rabbit@{host}"),
+                url: format!("amqp://guest:guest@{address}:{port}/%2f"),
+                process: Process::Container {
+                    container: Box::new(container),
+                    running: true,
+                },
+            });
         }
         Ok(cluster)
     }
@@ -205,7 +320,7 @@ impl PrivateCluster {
         let node = self
             .nodes
             .iter()
-            .find(|node| node.server.is_some())
+            .find(|node| node.running())
             .context("no node is running")?;
         let listing = node
             .rabbitmqctl(&[
@@ -235,24 +350,35 @@ impl PrivateCluster {
     }
 
     /// Kills node `index` with SIGKILL: no shutdown, its connections drop.
-    pub fn kill(&mut self, index: usize) {
-        self.nodes[index].kill();
+    pub async fn kill(&mut self, index: usize) {
+        self.nodes[index].kill().await;
     }
 
     /// Starts node `index` again on its data and waits until it is up.
     pub async fn restart(&mut self, index: usize) -> Result<()> {
-        self.nodes[index].spawn()?;
+        self.nodes[index].start().await?;
         self.nodes[index].await_startup().await
     }
 }
 
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
+        // Containers remove themselves when dropped; local nodes are
+        // killed here.
         for node in &mut self.nodes {
-            node.kill();
+            if let Process::Local { server, .. } = &mut node.process
+                && let Some(mut server) = server.take()
+            {
+                let _ = Command::new("kill")
+                    .args(["-s", "KILL", "--", &format!("-{}", server.id())])
+                    .status();
+                let _ = server.wait();
+            }
         }
-        let _ = self.epmd.kill();
-        let _ = self.epmd.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some((dir, mut epmd)) = self.local.take() {
+            let _ = epmd.kill();
+            let _ = epmd.wait();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }

@@ -140,7 +140,7 @@ async fn the_checkout_loses_no_event_when_the_node_leading_its_queues_is_killed(
     let killed_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&system.order_db.pool)
         .await?;
-    cluster.kill(victim);
+    cluster.kill(victim).await;
     println!(
         "killed node {victim}, leader of {} of the {} work queues, with {} of {ORDERS} orders placed",
         led[victim],
