@@ -20,6 +20,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --no-create-home shop
+    && groupadd --system --gid 10001 shop \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home shop
 COPY --from=build /out/ /usr/local/bin/
-USER shop
+# Numeric, so Kubernetes can check runAsNonRoot without reading /etc/passwd.
+USER 10001:10001

@@ -8,7 +8,9 @@ then checks every object:
 - RabbitmqCluster against the RabbitMQ Cluster Operator's CRD schema
   (deploy/kubernetes/crds, strict the same way);
 - what the product needs: each service's outbox relay is a native sidecar
-  of the service's pod on the service's database, probes use gRPC health,
+  of the service's pod on the service's database, readiness uses gRPC
+  health, every container has a liveness probe, pods run as a numeric
+  non-root user,
   every Deployment has a Service and a PodDisruptionBudget, the broker URL
   names every RabbitMQ node, and every Secret an overlay uses exists in it
   or is the operator's.
@@ -153,10 +155,15 @@ def check_product(name, docs, secrets_provided):
                     errors.append(f"{where}: AMQP_URL names {sorted(hosts)}, not {sorted(nodes)}")
         if dname == "gateway":
             continue
+        context = spec.get("securityContext", {})
+        if context.get("runAsNonRoot") and not isinstance(context.get("runAsUser"), int):
+            errors.append(f"{where}: runAsNonRoot needs a numeric runAsUser to be checked")
         service = containers[0]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "readinessProbe"):
             if "grpc" not in service.get(probe, {}):
                 errors.append(f"{where}: {probe} is not a gRPC health check")
+        if "livenessProbe" not in service:
+            errors.append(f"{where}: no liveness probe")
         relays = [c for c in spec.get("initContainers", []) if c.get("command") == ["outbox-relay"]]
         if len(relays) != 1:
             errors.append(f"{where}: {len(relays)} outbox-relay sidecars, expected 1")
@@ -169,8 +176,8 @@ def check_product(name, docs, secrets_provided):
         source = env_of(relay).get("OUTBOX_RELAY_SOURCE", {}).get("value")
         if source != f"{dname}-service":
             errors.append(f"{where}: the relay's source is {source}, not {dname}-service")
-        if "grpc" not in relay.get("livenessProbe", {}):
-            errors.append(f"{where}: the relay has no gRPC liveness probe")
+        if "livenessProbe" not in relay:
+            errors.append(f"{where}: the relay has no liveness probe")
 
 
 def main():

@@ -275,9 +275,10 @@ impl TestBroker {
         self.names.lock().expect("names lock").push(name.to_owned());
     }
 
-    /// Opens a connection to the broker.
+    /// Opens a connection to the broker (to the first node that answers,
+    /// when the URL lists a cluster's nodes).
     pub async fn connect(&self) -> Result<Connection> {
-        Ok(Connection::connect(&self.url, ConnectionProperties::default()).await?)
+        connect_any(&self.url).await
     }
 }
 
@@ -290,7 +291,7 @@ impl Drop for TestBroker {
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
-                let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+                let conn = connect_any(&url).await?;
                 for name in names {
                     // Each name may be a queue, an exchange, or both: delete
                     // either kind, each on its own channel.
@@ -309,6 +310,19 @@ impl Drop for TestBroker {
         })
         .join();
     }
+}
+
+/// Connects to the first of the comma-separated AMQP URLs `urls` that
+/// answers.
+async fn connect_any(urls: &str) -> Result<Connection> {
+    let mut last = None;
+    for url in urls.split(',') {
+        match Connection::connect(url, ConnectionProperties::default()).await {
+            Ok(conn) => return Ok(conn),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.map_or_else(|| anyhow::anyhow!("no broker URL"), Into::into))
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout`.

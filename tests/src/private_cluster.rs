@@ -98,13 +98,19 @@ impl ClusterNode {
         let env = match &self.process {
             Process::Local { env, .. } => env,
             Process::Container { container, .. } => {
-                use testcontainers_modules::testcontainers::core::ExecCommand;
+                use testcontainers_modules::testcontainers::core::{CmdWaitFor, ExecCommand};
                 let mut cmd = vec!["rabbitmqctl"];
                 cmd.extend_from_slice(args);
-                let mut result = container.exec(ExecCommand::new(cmd)).await?;
+                let command = ExecCommand::new(cmd).with_cmd_ready_condition(CmdWaitFor::exit());
+                let mut result = container.exec(command).await?;
                 let stdout = result.stdout_to_vec().await?;
+                let stderr = result.stderr_to_vec().await?;
                 let code = result.exit_code().await?;
-                anyhow::ensure!(code == Some(0), "rabbitmqctl {args:?} exited with {code:?}");
+                anyhow::ensure!(
+                    code == Some(0),
+                    "rabbitmqctl {args:?} exited with {code:?}: {}",
+                    String::from_utf8_lossy(&stderr).trim()
+                );
                 return Ok(String::from_utf8_lossy(&stdout).into_owned());
             }
         };
@@ -241,7 +247,11 @@ impl PrivateCluster {
         use testcontainers_modules::testcontainers::runners::AsyncRunner;
         let id = Uuid::new_v4().simple().to_string();
         let network = format!("shop-cluster-{id}");
-        let hosts: Vec<String> = (0..size).map(|index| format!("rabbit{index}")).collect();
+        // Each node's host name is its container name, which every
+        // container runtime resolves on the network.
+        let hosts: Vec<String> = (0..size)
+            .map(|index| format!("{network}-{index}"))
+            .collect();
         let peers: String = hosts
             .iter()
             .enumerate()
@@ -263,7 +273,7 @@ impl PrivateCluster {
                 .with_tag(crate::RABBITMQ_TAG)
                 .with_network(&network)
                 .with_hostname(host)
-                .with_container_name(format!("{network}-{index}"))
+                .with_container_name(host)
                 .with_env_var("RABBITMQ_ERLANG_COOKIE", &id)
                 .with_mapped_port(port, 5672.tcp())
                 .with_startup_timeout(STARTUP_TIMEOUT);
@@ -287,6 +297,17 @@ impl PrivateCluster {
                 },
             });
         }
+        // Peer discovery that fails leaves each node alone: make sure they
+        // formed one cluster.
+        cluster.nodes[0]
+            .rabbitmqctl(&[
+                "await_online_nodes",
+                &size.to_string(),
+                "--timeout",
+                "120000",
+            ])
+            .await
+            .context("the RabbitMQ containers did not form one cluster")?;
         Ok(cluster)
     }
 
@@ -314,9 +335,11 @@ impl PrivateCluster {
         self.nodes.is_empty()
     }
 
-    /// The index of the node leading each quorum queue whose name starts
-    /// with `prefix`, asked of a running node.
-    pub async fn leaders(&self, prefix: &str) -> Result<Vec<(String, usize)>> {
+    /// Each quorum queue whose name starts with `prefix`, with the index of
+    /// the node leading it (`None` while it has no leader), as a running
+    /// node sees them. A queue whose recorded leader is down may be
+    /// missing.
+    pub async fn leaders(&self, prefix: &str) -> Result<Vec<(String, Option<usize>)>> {
         let node = self
             .nodes
             .iter()
@@ -334,19 +357,38 @@ impl PrivateCluster {
             .await?;
         let mut leaders = Vec::new();
         for line in listing.lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if let [name, "quorum", leader] = fields.as_slice()
-                && name.starts_with(prefix)
-            {
-                let index = self
-                    .nodes
-                    .iter()
-                    .position(|node| node.name == *leader)
-                    .with_context(|| format!("{name} is led by unknown node {leader}"))?;
-                leaders.push(((*name).to_owned(), index));
+            let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
+            let (name, leader) = match fields.as_slice() {
+                [name, "quorum", leader] => (*name, *leader),
+                [name, "quorum"] => (*name, ""),
+                _ => continue,
+            };
+            if !name.starts_with(prefix) {
+                continue;
             }
+            let index = match leader {
+                "" => None,
+                leader => Some(
+                    self.nodes
+                        .iter()
+                        .position(|node| node.name == leader)
+                        .with_context(|| format!("{name} is led by unknown node {leader}"))?,
+                ),
+            };
+            leaders.push((name.to_owned(), index));
         }
         Ok(leaders)
+    }
+
+    /// Client connections open on node `index`.
+    pub async fn connections(&self, index: usize) -> Result<usize> {
+        let listing = self.nodes[index]
+            .rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "name"])
+            .await?;
+        Ok(listing
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .count())
     }
 
     /// Kills node `index` with SIGKILL: no shutdown, its connections drop.

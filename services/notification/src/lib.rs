@@ -77,6 +77,7 @@ pub struct Settings {
 /// Binds the gRPC address, connects to and migrates the database, and
 /// declares the subscriber's queues: the service, ready to run.
 pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
+    shop_outbox::declare(publishes());
     let foundation = shop_server::service::prepare(
         settings.grpc_addr,
         &settings.database_url,

@@ -90,6 +90,7 @@ pub struct Settings {
 /// Binds the gRPC address, connects to and migrates the database, and
 /// declares the subscriber's queues: the service, ready to run.
 pub async fn build(settings: Settings) -> anyhow::Result<shop_server::Service> {
+    shop_outbox::declare(publishes());
     anyhow::ensure!(
         (std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(30 * 86_400))
             .contains(&settings.saga_timeout),

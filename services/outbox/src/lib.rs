@@ -46,6 +46,50 @@ pub enum OutboxError {
         /// Its length in bytes.
         len: usize,
     },
+    /// The process declared what it publishes ([`declare`]), and this is
+    /// not among it; nothing was written.
+    #[error("{event_type} on {aggregate} aggregates is not among the declared publications")]
+    Undeclared {
+        /// The event's type.
+        event_type: String,
+        /// The aggregate kind it was written for.
+        aggregate: String,
+    },
+}
+
+/// The publications declared in this process.
+static DECLARED: std::sync::Mutex<Vec<Publication>> = std::sync::Mutex::new(Vec::new());
+
+/// Declares what this process's service publishes (its `publishes()`, from
+/// which `asyncapi.yaml` is generated). From then on, writing an event whose
+/// type and aggregate kind are not among the publications declared in the
+/// process is refused with [`OutboxError::Undeclared`], so no service writes
+/// what its contract does not describe. A process running several services
+/// declares each one's; one that declares nothing is not checked.
+pub fn declare(publications: impl IntoIterator<Item = Publication>) {
+    let mut declared = DECLARED.lock().unwrap_or_else(|e| e.into_inner());
+    for publication in publications {
+        if !declared.contains(&publication) {
+            declared.push(publication);
+        }
+    }
+}
+
+/// Refuses an event the process has not declared, if it declared any.
+fn check_declared(event_type: &str, aggregate: &str) -> Result<(), OutboxError> {
+    let declared = DECLARED.lock().unwrap_or_else(|e| e.into_inner());
+    let allowed = declared.is_empty()
+        || declared
+            .iter()
+            .any(|p| p.event_type == event_type && p.aggregate == aggregate);
+    if allowed {
+        Ok(())
+    } else {
+        Err(OutboxError::Undeclared {
+            event_type: event_type.to_owned(),
+            aggregate: aggregate.to_owned(),
+        })
+    }
 }
 
 /// Longest AMQP short string (routing key, `type`, `content-type`), in bytes.
@@ -218,6 +262,7 @@ async fn insert(
             });
         }
     }
+    check_declared(event_type, aggregate.kind)?;
     let now = Utc::now();
     let record = OutboxRecord {
         message_id: Uuid::now_v7(),
@@ -251,4 +296,26 @@ async fn insert(
     .execute(conn)
     .await?;
     Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn once_publications_are_declared_only_those_are_written() {
+        // Nothing declared: anything goes (tools, tests, other writers).
+        assert!(check_declared("shop.events.v1.Anything", "thing").is_ok());
+        declare([Publication {
+            event_type: "shop.events.v1.OrderPlaced".into(),
+            aggregate: "order",
+        }]);
+        assert!(check_declared("shop.events.v1.OrderPlaced", "order").is_ok());
+        let refused = check_declared("shop.events.v1.OrderShipped", "order").unwrap_err();
+        assert!(refused.to_string().contains("OrderShipped"), "{refused}");
+        assert!(
+            check_declared("shop.events.v1.OrderPlaced", "payment").is_err(),
+            "the aggregate kind is part of the contract"
+        );
+    }
 }

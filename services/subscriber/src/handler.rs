@@ -83,7 +83,8 @@ impl From<shop_outbox::OutboxError> for HandlerError {
     fn from(error: shop_outbox::OutboxError) -> Self {
         match error {
             // The same event would be refused again on every attempt.
-            shop_outbox::OutboxError::TooLong { .. } => Self::Permanent(error.into()),
+            shop_outbox::OutboxError::TooLong { .. }
+            | shop_outbox::OutboxError::Undeclared { .. } => Self::Permanent(error.into()),
             shop_outbox::OutboxError::Database(_) => Self::Transient(error.into()),
         }
     }

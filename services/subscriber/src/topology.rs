@@ -21,9 +21,12 @@ use lapin::{Channel, Connection, ExchangeKind};
 /// Kind of the work queue and its dead-letter queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum QueueKind {
-    /// Replicated, durable; the default.
+    /// Replicated, durable; the default. Needs RabbitMQ 3.10 or later with
+    /// its feature flags enabled (quorum delay queues rely on message TTL
+    /// and at-least-once dead-lettering).
     Quorum,
-    /// Classic durable queue, for single-node brokers or older servers.
+    /// Classic durable queue, for single-node brokers or servers before
+    /// 3.10.
     Classic,
 }
 
@@ -141,8 +144,8 @@ impl Topology {
             let mut arguments = self.kind_args();
             if self.kind == QueueKind::Quorum {
                 // A message leaves the retry queue only once the work queue
-                // has it; publishes are refused rather than messages dropped
-                // while the queue is full.
+                // has it (RabbitMQ 3.10+; at-least-once dead-lettering
+                // requires the reject-publish overflow mode).
                 insert_str(&mut arguments, "x-dead-letter-strategy", "at-least-once");
                 insert_str(&mut arguments, "x-overflow", "reject-publish");
             }
@@ -165,10 +168,32 @@ impl Topology {
         self.declare_on(&channel).await?;
         let _ = channel.close(200, "OK".into()).await;
         for queue in self.retired_retry_queues() {
-            // Each on a channel of its own: the broker closes the channel
-            // when the queue still holds messages (they still flow back to
-            // the work queue; a later start removes it) or its node is down.
+            // Each on a channel of its own, which the broker closes when the
+            // queue is missing or its node is down. Only a queue that is
+            // up and empty is deleted (a delete on a crashed classic queue
+            // would ignore `if_empty`); one still holding messages keeps
+            // sending them back to the work queue, and a later start
+            // removes it.
             let channel = connection.create_channel().await?;
+            let found = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let empty = match found {
+                Ok(state) => state.message_count() == 0,
+                Err(_) => continue,
+            };
+            if !empty {
+                tracing::info!(%queue, "retired retry queue still holds messages; kept for now");
+                let _ = channel.close(200, "OK".into()).await;
+                continue;
+            }
             let deleted = channel
                 .queue_delete(
                     queue.as_str().into(),
