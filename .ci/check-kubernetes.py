@@ -9,14 +9,15 @@ then checks every object:
   (deploy/kubernetes/crds, strict the same way);
 - what the product needs: each service's outbox relay is a native sidecar
   of the service's pod on the service's database, readiness uses gRPC
-  health, every container has a liveness probe, pods run as a numeric
-  non-root user,
+  health and liveness the health name `liveness`, every container has a
+  liveness probe, pods run as a numeric non-root user,
   every Deployment has a Service and a PodDisruptionBudget, the broker URL
   names every RabbitMQ node, and every Secret an overlay uses exists in it
   or is the operator's.
 Then it shows that the checks can fail: the same manifests must be refused
-by the Kubernetes 1.27 schemas (no native sidecars yet), and a
-RabbitmqCluster with a misspelt field must be refused by the CRD schema.
+by the Kubernetes 1.27 schemas (no native sidecars yet), a RabbitmqCluster
+with a misspelt field by the CRD schema, and a pod without a numeric user
+by the product checks.
 """
 
 import copy
@@ -106,18 +107,20 @@ def env_of(container):
 
 
 def check_product(name, docs, secrets_provided):
+    """What the product needs of `docs`, as a list of errors."""
+    found = []
     by_kind = {}
     for doc in docs:
         by_kind.setdefault(doc["kind"], []).append(doc)
     secrets = {doc["metadata"]["name"] for doc in by_kind.get("Secret", [])}
     clusters = by_kind.get("RabbitmqCluster", [])
     if len(clusters) != 1:
-        errors.append(f"{name}: {len(clusters)} RabbitmqCluster objects, expected 1")
-        return
+        found.append(f"{name}: {len(clusters)} RabbitmqCluster objects, expected 1")
+        return found
     cluster = clusters[0]
     replicas = cluster["spec"].get("replicas", 1)
     if replicas < 3:
-        errors.append(f"{name}: the RabbitMQ cluster has {replicas} nodes; quorum needs 3")
+        found.append(f"{name}: the RabbitMQ cluster has {replicas} nodes; quorum needs 3")
     nodes = {
         f"{cluster['metadata']['name']}-server-{i}.{cluster['metadata']['name']}-nodes"
         for i in range(replicas)
@@ -134,12 +137,12 @@ def check_product(name, docs, secrets_provided):
         if not any(
             selects(s["spec"].get("selector", {}), labels) for s in by_kind.get("Service", [])
         ):
-            errors.append(f"{where}: no Service selects its pods")
+            found.append(f"{where}: no Service selects its pods")
         if not any(
             selects(p["spec"]["selector"]["matchLabels"], labels)
             for p in by_kind.get("PodDisruptionBudget", [])
         ):
-            errors.append(f"{where}: no PodDisruptionBudget covers its pods")
+            found.append(f"{where}: no PodDisruptionBudget covers its pods")
         spec = pod["spec"]
         containers = spec["containers"]
         for container in containers + spec.get("initContainers", []):
@@ -147,37 +150,47 @@ def check_product(name, docs, secrets_provided):
                 ref = var.get("valueFrom", {}).get("secretKeyRef")
                 known = ref and (ref["name"] in secrets or ref["name"] == OPERATOR_SECRET)
                 if ref and secrets_provided and not known:
-                    errors.append(f"{where}: uses Secret {ref['name']}, which nothing provides")
+                    found.append(f"{where}: uses Secret {ref['name']}, which nothing provides")
             url = env_of(container).get("AMQP_URL", {}).get("value")
             if url is not None:
                 hosts = {part.split("@", 1)[1].split(":", 1)[0] for part in url.split(",")}
                 if hosts != nodes:
-                    errors.append(f"{where}: AMQP_URL names {sorted(hosts)}, not {sorted(nodes)}")
+                    found.append(f"{where}: AMQP_URL names {sorted(hosts)}, not {sorted(nodes)}")
+        context = spec.get("securityContext", {})
+        user = context.get("runAsUser")
+        if context.get("runAsNonRoot") is not True:
+            found.append(f"{where}: the pod does not set runAsNonRoot")
+        if isinstance(user, bool) or not isinstance(user, int) or user <= 0:
+            found.append(f"{where}: runAsNonRoot needs a numeric non-root runAsUser, not {user!r}")
+        for container in containers + spec.get("initContainers", []):
+            own = container.get("securityContext", {})
+            if own.get("runAsUser") == 0 or own.get("runAsNonRoot") is False:
+                found.append(f"{where}: container {container['name']} runs as root")
+            if "livenessProbe" not in container:
+                found.append(f"{where}: container {container['name']} has no liveness probe")
         if dname == "gateway":
             continue
-        context = spec.get("securityContext", {})
-        if context.get("runAsNonRoot") and not isinstance(context.get("runAsUser"), int):
-            errors.append(f"{where}: runAsNonRoot needs a numeric runAsUser to be checked")
         service = containers[0]
         for probe in ("startupProbe", "readinessProbe"):
             if "grpc" not in service.get(probe, {}):
-                errors.append(f"{where}: {probe} is not a gRPC health check")
-        if "livenessProbe" not in service:
-            errors.append(f"{where}: no liveness probe")
+                found.append(f"{where}: {probe} is not a gRPC health check")
+        if service.get("livenessProbe", {}).get("grpc", {}).get("service") != "liveness":
+            found.append(f"{where}: liveness does not ask the health name liveness")
         relays = [c for c in spec.get("initContainers", []) if c.get("command") == ["outbox-relay"]]
         if len(relays) != 1:
-            errors.append(f"{where}: {len(relays)} outbox-relay sidecars, expected 1")
+            found.append(f"{where}: {len(relays)} outbox-relay sidecars, expected 1")
             continue
         relay = relays[0]
         if relay.get("restartPolicy") != "Always":
-            errors.append(f"{where}: the relay is not a native sidecar (restartPolicy Always)")
+            found.append(f"{where}: the relay is not a native sidecar (restartPolicy Always)")
         if env_of(relay).get("DATABASE_URL") != env_of(service).get("DATABASE_URL"):
-            errors.append(f"{where}: the relay does not read the service's database")
+            found.append(f"{where}: the relay does not read the service's database")
         source = env_of(relay).get("OUTBOX_RELAY_SOURCE", {}).get("value")
         if source != f"{dname}-service":
-            errors.append(f"{where}: the relay's source is {source}, not {dname}-service")
-        if "livenessProbe" not in relay:
-            errors.append(f"{where}: the relay has no liveness probe")
+            found.append(f"{where}: the relay's source is {source}, not {dname}-service")
+        if relay.get("livenessProbe", {}).get("grpc", {}).get("service") != "liveness":
+            found.append(f"{where}: the relay's liveness does not ask the health name liveness")
+    return found
 
 
 def main():
@@ -189,7 +202,7 @@ def main():
         for error in validate(docs, VERSION, schemas):
             errors.append(f"{target}: {error}")
         # The base leaves the Secrets to its overlays.
-        check_product(target, docs, secrets_provided=target != f"{ROOT}/base")
+        errors.extend(check_product(target, docs, secrets_provided=target != f"{ROOT}/base"))
         print(f"kubernetes: {target}: {len(docs)} objects checked")
 
     # Controls: the checks above can fail.
@@ -204,6 +217,14 @@ def main():
         if doc["kind"] == "RabbitmqCluster":
             doc["spec"]["replica"] = doc["spec"].pop("replicas")
     refused = [e for e in validate(broken, VERSION, schemas) if "replica" in e]
+    rooted = copy.deepcopy(docs)
+    for doc in rooted:
+        if doc["kind"] == "Deployment":
+            doc["spec"]["template"]["spec"]["securityContext"].pop("runAsUser", None)
+    if not any("runAsUser" in e for e in check_product("control", rooted, True)):
+        errors.append("control: a pod without runAsUser passes the product checks")
+    else:
+        print("kubernetes: a pod without a numeric user is refused")
     if not refused:
         errors.append("control: the CRD schema accepts RabbitmqCluster spec.replica")
     else:

@@ -35,6 +35,9 @@ use crate::{store, sweeper};
 
 /// NOTIFY channel of the outbox trigger.
 const NOTIFY_CHANNEL: &str = "outbox";
+
+/// Health name that is SERVING for as long as the health endpoint answers.
+pub const LIVENESS: &str = "liveness";
 /// Shortest and longest wait before reconnecting after a failure.
 const RECONNECT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(10));
@@ -86,6 +89,11 @@ impl Relay {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", ServingStatus::NotServing)
+            .await;
+        // SERVING for as long as the health endpoint answers: for liveness
+        // probes, which should not restart a relay over an outage.
+        reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
             .await;
         let health = Arc::new(Health::new(reporter));
         let health_shutdown = CancellationToken::new();

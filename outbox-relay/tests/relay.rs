@@ -663,6 +663,11 @@ async fn health_reports_not_serving_while_the_outbox_stalls_and_serving_once_it_
         Ok((status == ServingStatus::NotServing).then_some(()))
     })
     .await?;
+    assert_eq!(
+        relay.health_of(outbox_relay::relay::LIVENESS).await?,
+        ServingStatus::Serving,
+        "alive while stalled"
+    );
     assert!(collector.received().is_empty());
 
     drop(holder);

@@ -380,15 +380,16 @@ impl PrivateCluster {
         Ok(leaders)
     }
 
-    /// Client connections open on node `index`.
+    /// Client connections open on node `index` itself (`list_connections`
+    /// would list the whole cluster's).
     pub async fn connections(&self, index: usize) -> Result<usize> {
-        let listing = self.nodes[index]
-            .rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "name"])
+        let output = self.nodes[index]
+            .rabbitmqctl(&["eval", "length(rabbit_networking:connections_local())."])
             .await?;
-        Ok(listing
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .count())
+        output
+            .trim()
+            .parse()
+            .with_context(|| format!("connections of node {index}: {output:?}"))
     }
 
     /// Kills node `index` with SIGKILL: no shutdown, its connections drop.

@@ -85,6 +85,31 @@ async fn the_checkout_loses_no_event_when_the_node_leading_its_queues_is_killed(
     place(&system, request(&customer, &[(&cheap, 1)], "warm-up")).await?;
     place(&system, request(&customer, &[(&dear, 1)], "warm-up-dear")).await?;
 
+    // The victim: the node leading most of this system's work queues (the
+    // leaders stay put until a node fails), with clients connected to it.
+    let is_work_queue = |name: &str| !name.contains(".retry.") && !name.ends_with(".dlq");
+    let leaders = cluster.leaders(&system.queue_prefix).await?;
+    let work_queues = leaders
+        .iter()
+        .filter(|(name, _)| is_work_queue(name))
+        .count();
+    assert_eq!(
+        work_queues, 6,
+        "the six work queues are quorum queues: {leaders:?}"
+    );
+    let mut led = vec![0; cluster.len()];
+    for (name, node) in &leaders {
+        if let (true, Some(node)) = (is_work_queue(name), node) {
+            led[*node] += 1;
+        }
+    }
+    let victim = (0..cluster.len())
+        .max_by_key(|node| led[*node])
+        .unwrap_or(0);
+    assert!(led[victim] > 0, "no node leads a work queue: {leaders:?}");
+    let connected = cluster.connections(victim).await?;
+    assert!(connected > 0, "nothing is connected to node {victim}");
+
     // Orders flow from eight callers while the node is killed.
     let placed = Arc::new(AtomicUsize::new(0));
     let placing = {
@@ -124,30 +149,7 @@ async fn the_checkout_loses_no_event_when_the_node_leading_its_queues_is_killed(
     })
     .await?;
 
-    // The node leading most of this system's work queues goes, without
-    // warning, while clients are connected to it.
-    let is_work_queue = |name: &str| !name.contains(".retry.") && !name.ends_with(".dlq");
-    let leaders = cluster.leaders(&system.queue_prefix).await?;
-    let work_queues = leaders
-        .iter()
-        .filter(|(name, _)| is_work_queue(name))
-        .count();
-    assert_eq!(
-        work_queues, 6,
-        "the six work queues are quorum queues: {leaders:?}"
-    );
-    let mut led = vec![0; cluster.len()];
-    for (name, node) in &leaders {
-        if let (true, Some(node)) = (is_work_queue(name), node) {
-            led[*node] += 1;
-        }
-    }
-    let victim = (0..cluster.len())
-        .max_by_key(|node| led[*node])
-        .unwrap_or(0);
-    assert!(led[victim] > 0, "no node leads a work queue: {leaders:?}");
-    let connected = cluster.connections(victim).await?;
-    assert!(connected > 0, "nothing is connected to node {victim}");
+    // It goes, without warning, while orders flow.
     let killed_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&system.order_db.pool)
         .await?;

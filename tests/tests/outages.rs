@@ -108,6 +108,11 @@ async fn health_and_errors_follow_the_database_and_the_broker_and_recover() -> R
     );
     wait_health(&channel, API, ServingStatus::NotServing).await?;
     wait_health(&channel, "", ServingStatus::NotServing).await?;
+    assert_eq!(
+        health(&channel, shop_server::grpc::LIVENESS).await?,
+        ServingStatus::Serving,
+        "alive while its database is out of reach"
+    );
 
     db_proxy.restore();
     wait_health(&channel, API, ServingStatus::Serving).await?;

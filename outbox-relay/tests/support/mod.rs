@@ -256,6 +256,14 @@ impl RunningRelay {
 
     /// What the relay's health service answers for the whole server.
     pub async fn health(&self) -> Result<tonic_health::pb::health_check_response::ServingStatus> {
+        self.health_of("").await
+    }
+
+    /// The status of health name `service`.
+    pub async fn health_of(
+        &self,
+        service: &str,
+    ) -> Result<tonic_health::pb::health_check_response::ServingStatus> {
         let channel =
             tonic::transport::Endpoint::from_shared(format!("http://{}", self.health_addr))?
                 .connect()
@@ -263,7 +271,7 @@ impl RunningRelay {
         let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
         Ok(client
             .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
+                service: service.to_owned(),
             })
             .await?
             .into_inner()

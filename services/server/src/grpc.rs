@@ -268,6 +268,11 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// Health/Watch streams end after saying so), `drain.streams` is cancelled
 /// so the service's own long-lived streams end, and calls in flight get up
 /// to `drain.timeout` to finish; connections still open then are closed.
+/// Health name that is SERVING for as long as the server answers, whatever
+/// its dependencies: for liveness probes, which should restart a process
+/// that no longer answers, not one whose database is down.
+pub const LIVENESS: &str = "liveness";
+
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
@@ -297,6 +302,9 @@ pub async fn serve(
         };
         reporter.set_service_status(name.as_str(), status).await;
     }
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
     // Reflection lists exactly the services this server serves.
     let reflection_builder = || {
         service_names.iter().fold(

@@ -7,67 +7,76 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use support::{Mode, Recorder, Setup};
 use uuid::Uuid;
+
+/// How many messages `queue` holds, asked of any node that answers.
+async fn messages(setup: &Setup, queue: &str) -> Result<u32> {
+    let conn = setup.broker.connect().await?;
+    let channel = conn.create_channel().await?;
+    let state = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    let _ = conn.close(200, "OK".into()).await;
+    Ok(state.message_count())
+}
 
 #[tokio::test]
 async fn a_message_waiting_for_its_retry_survives_the_loss_of_the_retry_queue_leader() -> Result<()>
 {
     let mut cluster = shop_tests::PrivateCluster::start(3).await?;
     let mut setup = Setup::on_broker(shop_tests::TestBroker::on(&cluster.urls())).await?;
-    // Long enough to kill the node while the message waits.
-    setup.settings.retry_backoff = Duration::from_secs(4);
-    setup.settings.max_retry_backoff = Duration::from_secs(4);
+    // Long enough to kill the node, and see the message survive, while it
+    // waits.
+    setup.settings.retry_backoff = Duration::from_secs(15);
+    setup.settings.max_retry_backoff = Duration::from_secs(15);
     let recorder = Recorder::new(Mode::NeedsKnownOrder);
     let running = setup.start(&recorder).await?;
-    setup.publish(Uuid::now_v7(), "order-waits").await?;
+    let retry_queue = format!("{}.retry.quorum.1", setup.queue);
+    let leader = cluster
+        .leaders(&retry_queue)
+        .await?
+        .into_iter()
+        .find(|(name, _)| *name == retry_queue)
+        .and_then(|(_, leader)| leader)
+        .context("the retry queue's leader")?;
 
-    // The first attempt fails, and the message goes to the first retry
-    // queue (confirmed before the delivery is acknowledged).
-    shop_tests::eventually(Duration::from_secs(30), "the first attempt", || async {
-        Ok((recorder.calls.load(Ordering::SeqCst) >= 1).then_some(()))
+    // The first attempt fails, and the message waits in the first retry
+    // queue (confirmed there before the delivery is acknowledged).
+    setup.publish(Uuid::now_v7(), "order-waits").await?;
+    shop_tests::eventually(Duration::from_secs(30), "the message to wait", || async {
+        Ok((messages(&setup, &retry_queue).await? == 1).then_some(()))
     })
     .await?;
-    let retry_queue = format!("{}.retry.quorum.1", setup.queue);
-    shop_tests::eventually(
-        Duration::from_secs(30),
-        "the message in the retry queue",
-        || async {
-            let conn = setup.broker.connect().await?;
-            let channel = conn.create_channel().await?;
-            let queue = channel
-                .queue_declare(
-                    retry_queue.as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await?;
-            let _ = conn.close(200, "OK".into()).await;
-            Ok((queue.message_count() == 1).then_some(()))
-        },
-    )
-    .await?;
-    let waiting =
-        shop_tests::eventually(Duration::from_secs(30), "the message to wait", || async {
-            let leaders = cluster.leaders(&retry_queue).await?;
-            Ok(leaders.into_iter().find_map(|(_, leader)| leader))
-        })
-        .await?;
-    cluster.kill(waiting).await;
-
-    // Meanwhile what it needed arrives; the message comes back from the
-    // retry queue, now led by another node, and is applied once.
+    assert_eq!(recorder.calls.load(Ordering::SeqCst), 1);
+    // What it needs arrives; then the node leading its queue goes.
     sqlx::query("INSERT INTO known_orders VALUES ('order-waits')")
         .execute(&setup.db.pool)
         .await?;
+    cluster.kill(leader).await;
+
+    // It is still there, on the nodes left, not yet applied; it comes back
+    // when its delay runs out and is applied once, on its second attempt.
+    // (Until a new leader is elected the queue may not answer.)
+    shop_tests::eventually(
+        Duration::from_secs(30),
+        "the waiting message on the nodes left",
+        || async { Ok((messages(&setup, &retry_queue).await.ok() == Some(1)).then_some(())) },
+    )
+    .await?;
+    assert!(setup.applied("order-waits").await?.is_empty());
     let rows = setup.wait_applied("order-waits").await?;
     assert_eq!(rows.len(), 1, "applied once: {rows:?}");
     assert_eq!(rows[0].0, 2, "on its second attempt");
-    cluster.restart(waiting).await?;
+    cluster.restart(leader).await?;
     running.stop().await?;
     Ok(())
 }
