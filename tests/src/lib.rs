@@ -12,6 +12,7 @@
 //!
 //! Set `TEST_LOG=1` to see the code under test's tracing output.
 
+mod local_rabbitmq;
 pub mod pki;
 mod private_broker;
 mod private_cluster;

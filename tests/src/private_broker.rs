@@ -7,23 +7,19 @@
 //! cookie and data directory, all under a temporary directory; otherwise it
 //! is a container of its own.
 
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use shop_broker::BrokerSettings;
 use testcontainers_modules::rabbitmq::RabbitMq;
 use testcontainers_modules::testcontainers::ContainerAsync;
-use uuid::Uuid;
 
+use crate::local_rabbitmq::{
+    NodeFiles, RABBITMQ_BIN, free_ports, kill_group, spawn_server, start_epmd,
+};
 use crate::pki::{Authority, Issued};
-
-/// Where Debian's RabbitMQ keeps the scripts that run as the calling user
-/// (`/usr/sbin/rabbitmq*` switch to the `rabbitmq` user).
-pub(crate) const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 
 /// Longest wait for the node to start or to come back.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
@@ -79,14 +75,8 @@ impl PrivateBroker {
         if crate::servers().await.containers.is_some() {
             return Self::start_container(certificates).await;
         }
-        let dir = std::env::temp_dir().join(format!("shop-rabbitmq-{}", Uuid::new_v4().simple()));
-        let home = dir.join("home");
-        std::fs::create_dir_all(&home)?;
-        let cookie = home.join(".erlang.cookie");
-        std::fs::write(&cookie, Uuid::new_v4().simple().to_string())?;
-        std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
-        std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
-        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        let files = NodeFiles::create("shop-rabbitmq")?;
+        let dir = files.dir.clone();
         let [amqp_port, dist_port, epmd_port, cli_port] = free_ports()?;
         let config = match &certificates {
             Some(files) => {
@@ -97,47 +87,18 @@ impl PrivateBroker {
         };
         std::fs::write(dir.join("rabbitmq.conf"), config)?;
         let name = format!("shop{amqp_port}@localhost");
-        let path = |p: &str| dir.join(p).display().to_string();
-        let mut env = vec![
-            ("HOME", home.display().to_string()),
-            ("RABBITMQ_CONF_ENV_FILE", path("rabbitmq-env.conf")),
-            ("RABBITMQ_CONFIG_FILE", path("rabbitmq.conf")),
-            ("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins")),
-            ("RABBITMQ_MNESIA_BASE", path("mnesia")),
-            ("RABBITMQ_LOG_BASE", path("log")),
-            ("RABBITMQ_NODENAME", name.clone()),
-            ("RABBITMQ_DIST_PORT", dist_port.to_string()),
-            ("ERL_EPMD_PORT", epmd_port.to_string()),
-            ("ERL_EPMD_ADDRESS", "127.0.0.1".to_owned()),
-            ("RABBITMQ_CTL_DIST_PORT_MIN", cli_port.to_string()),
-            ("RABBITMQ_CTL_DIST_PORT_MAX", cli_port.to_string()),
-        ];
+        let mut env = files.env(&name, &dir, dist_port, epmd_port, cli_port);
         if certificates.is_none() {
             env.push(("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_owned()));
             env.push(("RABBITMQ_NODE_PORT", amqp_port.to_string()));
         }
-        // The node's own port mapper, started here rather than by the node
-        // (which would daemonise it beyond reach).
-        let mut epmd = Command::new("epmd")
-            .args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("failed to start epmd")?;
-        let server = Command::new(format!("{RABBITMQ_BIN}/rabbitmq-server"))
-            .envs(env.iter().map(|(k, v)| (*k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            // Its own process group, so dropping it stops every process
-            // the script starts.
-            .process_group(0)
-            .spawn();
-        let server = match server {
+        let mut epmd = start_epmd(epmd_port)?;
+        let server = match spawn_server(&env) {
             Ok(server) => server,
             Err(error) => {
                 let _ = epmd.kill();
                 let _ = epmd.wait();
-                return Err(error).context("failed to start rabbitmq-server");
+                return Err(error);
             }
         };
         let scheme = if certificates.is_some() {
@@ -271,11 +232,7 @@ impl PrivateBroker {
 
 impl Drop for LocalNode {
     fn drop(&mut self) {
-        // The whole process group: the script, the Erlang VM and its helpers.
-        let _ = Command::new("kill")
-            .args(["-s", "KILL", "--", &format!("-{}", self.server.id())])
-            .status();
-        let _ = self.server.wait();
+        kill_group(&mut self.server);
         let _ = self.epmd.kill();
         let _ = self.epmd.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -325,16 +282,4 @@ impl TlsFiles {
             self.require_client_certificate,
         )
     }
-}
-
-/// Ports free on the loopback interface right now.
-pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N]> {
-    let listeners = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let mut ports = [0; N];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener.local_addr()?.port();
-    }
-    Ok(ports)
 }

@@ -10,9 +10,8 @@
 //! SIGKILL (no shutdown, as in a crash) and restarted on its data, where it
 //! rejoins the cluster.
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -20,7 +19,9 @@ use testcontainers_modules::rabbitmq::RabbitMq;
 use testcontainers_modules::testcontainers::ContainerAsync;
 use uuid::Uuid;
 
-use crate::private_broker::{RABBITMQ_BIN, free_ports};
+use crate::local_rabbitmq::{
+    NodeFiles, RABBITMQ_BIN, free_ports, kill_group, spawn_server, start_epmd,
+};
 
 /// Longest wait for a node to start, join or come back.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(240);
@@ -80,10 +81,7 @@ impl ClusterNode {
         match &mut self.process {
             Process::Local { server, .. } => {
                 if let Some(mut server) = server.take() {
-                    let _ = Command::new("kill")
-                        .args(["-s", "KILL", "--", &format!("-{}", server.id())])
-                        .status();
-                    let _ = server.wait();
+                    kill_group(&mut server);
                 }
             }
             Process::Container { container, running } => {
@@ -149,18 +147,6 @@ impl ClusterNode {
     }
 }
 
-fn spawn_server(env: &[(&'static str, String)]) -> Result<Child> {
-    Command::new(format!("{RABBITMQ_BIN}/rabbitmq-server"))
-        .envs(env.iter().map(|(k, v)| (*k, v)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        // Its own process group, so a kill reaches every process the script
-        // starts.
-        .process_group(0)
-        .spawn()
-        .context("failed to start rabbitmq-server")
-}
-
 impl PrivateCluster {
     /// Starts `size` nodes and clusters them.
     pub async fn start(size: usize) -> Result<Self> {
@@ -168,52 +154,21 @@ impl PrivateCluster {
         if crate::servers().await.containers.is_some() {
             return Self::start_containers(size).await;
         }
-        let dir = std::env::temp_dir().join(format!("shop-cluster-{}", Uuid::new_v4().simple()));
-        let home = dir.join("home");
-        std::fs::create_dir_all(&home)?;
-        let cookie = home.join(".erlang.cookie");
-        std::fs::write(&cookie, Uuid::new_v4().simple().to_string())?;
-        std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
-        std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
-        std::fs::write(dir.join("rabbitmq.conf"), "")?;
-        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        let files = NodeFiles::create("shop-cluster")?;
+        std::fs::write(files.dir.join("rabbitmq.conf"), "")?;
         let [epmd_port, cli_port] = free_ports()?;
-        let epmd = Command::new("epmd")
-            .args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("failed to start epmd")?;
+        let epmd = start_epmd(epmd_port)?;
         let mut cluster = Self {
-            local: Some((dir.clone(), epmd)),
+            local: Some((files.dir.clone(), epmd)),
             nodes: Vec::new(),
         };
         for index in 0..size {
             let [amqp_port, dist_port] = free_ports()?;
             let name = format!("shop{amqp_port}@localhost");
-            let path = |p: &str| dir.join(p).display().to_string();
-            let node_path = |p: &str| {
-                dir.join(format!("node{index}"))
-                    .join(p)
-                    .display()
-                    .to_string()
-            };
-            let env = vec![
-                ("HOME", home.display().to_string()),
-                ("RABBITMQ_CONF_ENV_FILE", path("rabbitmq-env.conf")),
-                ("RABBITMQ_CONFIG_FILE", path("rabbitmq.conf")),
-                ("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins")),
-                ("RABBITMQ_MNESIA_BASE", node_path("mnesia")),
-                ("RABBITMQ_LOG_BASE", node_path("log")),
-                ("RABBITMQ_NODENAME", name.clone()),
-                ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_owned()),
-                ("RABBITMQ_NODE_PORT", amqp_port.to_string()),
-                ("RABBITMQ_DIST_PORT", dist_port.to_string()),
-                ("ERL_EPMD_PORT", epmd_port.to_string()),
-                ("ERL_EPMD_ADDRESS", "127.0.0.1".to_owned()),
-                ("RABBITMQ_CTL_DIST_PORT_MIN", cli_port.to_string()),
-                ("RABBITMQ_CTL_DIST_PORT_MAX", cli_port.to_string()),
-            ];
+            let data = files.dir.join(format!("node{index}"));
+            let mut env = files.env(&name, &data, dist_port, epmd_port, cli_port);
+            env.push(("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_owned()));
+            env.push(("RABBITMQ_NODE_PORT", amqp_port.to_string()));
             let server = spawn_server(&env)?;
             cluster.nodes.push(ClusterNode {
                 name,
@@ -412,10 +367,7 @@ impl Drop for PrivateCluster {
             if let Process::Local { server, .. } = &mut node.process
                 && let Some(mut server) = server.take()
             {
-                let _ = Command::new("kill")
-                    .args(["-s", "KILL", "--", &format!("-{}", server.id())])
-                    .status();
-                let _ = server.wait();
+                kill_group(&mut server);
             }
         }
         if let Some((dir, mut epmd)) = self.local.take() {

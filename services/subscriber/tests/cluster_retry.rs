@@ -11,24 +11,6 @@ use anyhow::{Context, Result};
 use support::{Mode, Recorder, Setup};
 use uuid::Uuid;
 
-/// How many messages `queue` holds, asked of any node that answers.
-async fn messages(setup: &Setup, queue: &str) -> Result<u32> {
-    let conn = setup.broker.connect().await?;
-    let channel = conn.create_channel().await?;
-    let state = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await?;
-    let _ = conn.close(200, "OK".into()).await;
-    Ok(state.message_count())
-}
-
 #[tokio::test]
 async fn a_message_waiting_for_its_retry_survives_the_loss_of_the_retry_queue_leader() -> Result<()>
 {
@@ -53,7 +35,7 @@ async fn a_message_waiting_for_its_retry_survives_the_loss_of_the_retry_queue_le
     // queue (confirmed there before the delivery is acknowledged).
     setup.publish(Uuid::now_v7(), "order-waits").await?;
     shop_tests::eventually(Duration::from_secs(30), "the message to wait", || async {
-        Ok((messages(&setup, &retry_queue).await? == 1).then_some(()))
+        Ok((setup.messages_in(&retry_queue).await? == Some(1)).then_some(()))
     })
     .await?;
     assert_eq!(recorder.calls.load(Ordering::SeqCst), 1);
@@ -69,7 +51,10 @@ async fn a_message_waiting_for_its_retry_survives_the_loss_of_the_retry_queue_le
     shop_tests::eventually(
         Duration::from_secs(30),
         "the waiting message on the nodes left",
-        || async { Ok((messages(&setup, &retry_queue).await.ok() == Some(1)).then_some(())) },
+        || async {
+            let waiting = setup.messages_in(&retry_queue).await.ok().flatten();
+            Ok((waiting == Some(1)).then_some(()))
+        },
     )
     .await?;
     assert!(setup.applied("order-waits").await?.is_empty());

@@ -442,26 +442,6 @@ async fn cloud_events_attributes_are_read_under_the_amqp_binding_and_the_older_h
     Ok(())
 }
 
-/// Whether `queue` exists (asked on a channel of its own, which the broker
-/// closes when it does not).
-async fn queue_exists(setup: &Setup, queue: &str) -> Result<bool> {
-    let conn = setup.broker.connect().await?;
-    let channel = conn.create_channel().await?;
-    let exists = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .is_ok();
-    let _ = conn.close(200, "OK".into()).await;
-    Ok(exists)
-}
-
 #[tokio::test]
 async fn upgrading_to_replicated_retry_queues_strands_no_message_waiting_in_the_classic_ones()
 -> Result<()> {
@@ -545,11 +525,14 @@ async fn upgrading_to_replicated_retry_queues_strands_no_message_waiting_in_the_
     // the empty ones.
     subscriber.declare().await?;
     assert!(
-        queue_exists(&setup, &retired[0]).await?,
+        setup.messages_in(&retired[0]).await?.is_some(),
         "a non-empty one was removed"
     );
     for queue in &retired[1..] {
-        assert!(!queue_exists(&setup, queue).await?, "{queue} was kept");
+        assert!(
+            setup.messages_in(queue).await?.is_none(),
+            "{queue} was kept"
+        );
     }
 
     // The waiting message still comes back to the work queue and is
@@ -560,7 +543,7 @@ async fn upgrading_to_replicated_retry_queues_strands_no_message_waiting_in_the_
     running.stop().await?;
     setup.subscriber(&recorder).declare().await?;
     assert!(
-        !queue_exists(&setup, &retired[0]).await?,
+        setup.messages_in(&retired[0]).await?.is_none(),
         "the emptied queue is still there"
     );
     Ok(())

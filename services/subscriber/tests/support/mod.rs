@@ -364,20 +364,28 @@ impl Setup {
 
     /// Messages ready in the work queue.
     pub async fn ready_messages(&self) -> Result<u32> {
+        self.messages_in(&self.queue)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the work queue {} is missing", self.queue))
+    }
+
+    /// Messages ready in `queue`, or `None` if it does not exist (asked on
+    /// a channel of its own, which the broker closes when it does not).
+    pub async fn messages_in(&self, queue: &str) -> Result<Option<u32>> {
         let conn = self.broker.connect().await?;
         let channel = conn.create_channel().await?;
-        let queue = channel
+        let found = channel
             .queue_declare(
-                self.queue.as_str().into(),
+                queue.into(),
                 lapin::options::QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
                 },
                 FieldTable::default(),
             )
-            .await?;
-        conn.close(200, "OK".into()).await?;
-        Ok(queue.message_count())
+            .await;
+        let _ = conn.close(200, "OK".into()).await;
+        Ok(found.ok().map(|state| state.message_count()))
     }
 
     /// Rows in `applied` for `order_id`: (attempt, redelivered).
