@@ -16,13 +16,20 @@
 //!    PlaceOrder→CONFIRMED latency, and how long the backlog took to drain.
 //! 4. **memory**: the peak resident memory of every process.
 //!
+//! Phases 2 and 3 also print the CPU time each process (and PostgreSQL
+//! and RabbitMQ, when they run on this machine) used per saga, over the
+//! phase and its drain: where a faster checkout must save.
+//!
 //! It prints each figure next to its goal and asserts none of them. The
 //! servers come from `DATABASE_URL` and `AMQP_URL`, or are started with
 //! testcontainers; the databases, exchange and queues are removed at the
 //! end, also after an error or ctrl-c. The processes inherit the
 //! environment, so `SUBSCRIBER_*`, `OUTBOX_RELAY_*` and `RUST_LOG` (default
-//! `warn` here) tune them.
+//! `warn` here) tune them; `BENCH_<SERVICE>_<VARIABLE>` sets `<VARIABLE>`
+//! for that service's process alone (`BENCH_INVENTORY_SUBSCRIBER_BATCH_SIZE=1`),
+//! as each service has its own environment in a deployment.
 
+mod cpu;
 mod load;
 mod observe;
 mod processes;
@@ -35,8 +42,9 @@ use clap::{Parser, Subcommand};
 use shop_subscriber::SubscriberSettings;
 use uuid::Uuid;
 
+use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::load::{Calls, Catalog, Paced, Throughput, millis};
-use crate::observe::{Confirmations, Probe, Sample, Sampler, Trend, p50_p99, trend};
+use crate::observe::{Confirmations, Counts, Probe, Sample, Sampler, Trend, p50_p99, trend};
 use crate::processes::{Checkout, Kind, SERVICES, WORK_QUEUES};
 
 /// Measures the checkout end to end: PlaceOrder capacity against a
@@ -315,6 +323,7 @@ async fn capacity_phase(
         options.callers, options.seconds
     );
     let before = probe.counts().await?;
+    let cpu_before = CpuSnapshot::take(&checkout.pids());
     let sampler = Sampler::start(probe.clone());
     let calls = load::closed_loop(
         checkout.addr(Kind::Order),
@@ -327,6 +336,7 @@ async fn capacity_phase(
     let samples = sampler.finish().await?;
     let drain = probe.wait_drained(drain_timeout).await?;
     let after = probe.counts().await?;
+    let cpu = cpu_use(cpu_before, &checkout.pids());
 
     let placed = calls.per_second();
     let ratio = placed / baseline.per_second();
@@ -359,6 +369,7 @@ async fn capacity_phase(
     }
     print_cancelled(after.cancelled);
     print_trends(&samples);
+    print_cpu(cpu, &before, &after);
     Ok(Capacity { calls, ratio })
 }
 
@@ -405,6 +416,7 @@ async fn steady_phase(
         options.callers
     );
     let before = probe.counts().await?;
+    let cpu_before = CpuSnapshot::take(&checkout.pids());
     let sampler = Sampler::start(probe.clone());
     let paced: Paced = load::open_loop(
         checkout.addr(Kind::Order),
@@ -418,6 +430,7 @@ async fn steady_phase(
     let samples = sampler.finish().await?;
     let drain = probe.wait_drained(drain_timeout).await?;
     let after = probe.counts().await?;
+    let cpu = cpu_use(cpu_before, &checkout.pids());
 
     let window = paced.elapsed.as_secs_f64();
     let placed_per_s = paced.placed.len() as f64 / window;
@@ -515,6 +528,7 @@ async fn steady_phase(
         ),
     }
     print_cancelled(after.cancelled);
+    print_cpu(cpu, &before, &after);
 
     let pending = trend(&samples, |s| s.counts.pending as f64);
     let steepest_queue = WORK_QUEUES
@@ -544,6 +558,23 @@ fn print_cancelled(cancelled: i64) {
         println!(
             "  note: {cancelled} orders were CANCELLED; every order should be confirmed (see the services' logs)"
         );
+    }
+}
+
+/// CPU used from `before` until now.
+fn cpu_use(before: Option<CpuSnapshot>, pids: &[(String, u32)]) -> Option<CpuUse> {
+    before?.until(&CpuSnapshot::take(pids)?)
+}
+
+/// CPU per saga decided (confirmed or cancelled) between two counts, over
+/// the phase and its drain.
+fn print_cpu(cpu: Option<CpuUse>, before: &Counts, after: &Counts) {
+    match cpu {
+        Some(cpu) => cpu.print(
+            (after.confirmed + after.cancelled) - (before.confirmed + before.cancelled),
+            "saga",
+        ),
+        None => println!("  CPU: /proc could not be read on this machine"),
     }
 }
 

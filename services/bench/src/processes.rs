@@ -230,10 +230,16 @@ impl Checkout {
                 ("AMQP_URL", broker.url.as_str()),
                 ("AUTH_HS256_SECRET", crate::load::secret()),
             ];
+            let own = own_environment(kind);
+            let service_env: Vec<(&str, &str)> = env
+                .iter()
+                .copied()
+                .chain(own.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .collect();
             let service = children.spawn(
                 kind,
                 format!("{}-service", kind.name()),
-                &env,
+                &service_env,
                 &[
                     "--grpc-addr",
                     "127.0.0.1:0",
@@ -295,6 +301,15 @@ impl Checkout {
             .collect()
     }
 
+    /// Every process of the checkout by name, with its pid.
+    pub(crate) fn pids(&self) -> Vec<(String, u32)> {
+        self.children
+            .list
+            .iter()
+            .map(|child| (child.name.clone(), child.process.id()))
+            .collect()
+    }
+
     /// Names of children that have exited on their own.
     pub(crate) fn exited(&mut self) -> Vec<String> {
         let mut exited = Vec::new();
@@ -311,6 +326,24 @@ impl Checkout {
     pub(crate) fn stop(&mut self) {
         self.children.stop();
     }
+}
+
+/// The variables set for `kind`'s service alone: `BENCH_<KIND>_<NAME>`
+/// in this process's environment becomes `<NAME>` in the service's.
+fn own_environment(kind: Kind) -> Vec<(String, String)> {
+    own_environment_in(kind, std::env::vars())
+}
+
+fn own_environment_in(
+    kind: Kind,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
+    let prefix = format!("BENCH_{}_", kind.name().to_uppercase());
+    vars.filter_map(|(key, value)| {
+        let name = key.strip_prefix(&prefix)?;
+        (!name.is_empty()).then(|| (name.to_owned(), value))
+    })
+    .collect()
 }
 
 /// Peak resident set size (`VmHWM`) of a process, in KiB.
@@ -448,5 +481,26 @@ impl Children {
 impl Drop for Children {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_gets_the_variables_prefixed_with_its_name_and_no_others() {
+        let vars = [
+            ("BENCH_INVENTORY_SUBSCRIBER_BATCH_SIZE", "1"),
+            ("BENCH_ORDER_SUBSCRIBER_CONCURRENCY", "8"),
+            ("BENCH_INVENTORY_", "ignored"),
+            ("SUBSCRIBER_PREFETCH", "32"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(
+            own_environment_in(Kind::Inventory, vars.clone().into_iter()),
+            vec![("SUBSCRIBER_BATCH_SIZE".to_owned(), "1".to_owned())]
+        );
+        assert!(own_environment_in(Kind::Payment, vars.into_iter()).is_empty());
     }
 }

@@ -210,6 +210,10 @@ pub async fn insert_order(
 }
 
 /// Locks an order for a status change.
+///
+/// `FOR NO KEY UPDATE`, the lock an `UPDATE` of non-key columns takes:
+/// status changes wait for each other, while the foreign-key checks of
+/// rows added to the order (its history) do not wait for them.
 pub async fn lock_order(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OrderRow>> {
     lock_order_of(conn, id, None).await
 }
@@ -223,7 +227,7 @@ pub async fn lock_order_of(
 ) -> sqlx::Result<Option<OrderRow>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND ($2::uuid IS NULL OR customer_id = $2) \
-         FOR UPDATE"
+         FOR NO KEY UPDATE"
     )))
     .bind(id)
     .bind(customer)

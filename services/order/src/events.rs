@@ -269,12 +269,10 @@ async fn history(
     detail: &str,
 ) -> Result<Uuid, HandlerError> {
     let order_id = uuid("order_id", order_id)?;
-    if db::lock_order(tx, order_id).await?.is_none() {
-        return Err(HandlerError::transient(format!(
-            "order {order_id} is not known"
-        )));
-    }
-    db::add_history(
+    // The history row's foreign key is the check that the order exists: no
+    // look-up first, and no lock that a status change would wait for (the
+    // key check only keeps the order from being deleted).
+    let added = db::add_history(
         tx,
         order_id,
         meta.message_id,
@@ -282,8 +280,20 @@ async fn history(
         meta.occurred_at,
         detail,
     )
-    .await?;
-    Ok(order_id)
+    .await;
+    match added {
+        Ok(()) => Ok(order_id),
+        Err(error)
+            if error
+                .as_database_error()
+                .is_some_and(|error| error.is_foreign_key_violation()) =>
+        {
+            Err(HandlerError::transient(format!(
+                "order {order_id} is not known"
+            )))
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 impl EventHandler<PaymentSucceeded> for Saga {

@@ -4,7 +4,7 @@
 //! what it reserved, payment refunds what it charged, the customer is told.
 //!
 //! Any number of replicas may run this: each takes the overdue orders'
-//! rows with `FOR UPDATE SKIP LOCKED` and cancels only orders still
+//! rows with `FOR NO KEY UPDATE SKIP LOCKED` and cancels only orders still
 //! pending under that lock.
 
 use std::time::Duration;
@@ -67,7 +67,7 @@ pub async fn cancel_overdue(
         let overdue: Vec<Uuid> = sqlx::query_scalar(
             "SELECT id FROM orders \
              WHERE status = 'PENDING' AND placed_at < now() - $1 * interval '1 second' \
-             ORDER BY placed_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+             ORDER BY placed_at LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
         )
         .bind(timeout.as_secs_f64())
         .bind(BATCH)

@@ -313,28 +313,54 @@ impl Subscriber {
             _ = shutdown.cancelled() => return Ok(()),
             conn = inner.settings.broker.connect(&inner.consumer) => conn?,
         };
-        inner
-            .topology
-            .declare(&conn)
-            .await
-            .context("failed to declare the subscriber's queues")?;
-        let channel = conn.create_channel().await?;
-        let publisher = conn.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        channel
-            .basic_qos(inner.settings.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                inner.topology.queue.as_str().into(),
-                inner.consumer.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .context("failed to consume")?;
+        // A broker that accepted the connection but does not answer (still
+        // starting, its queues not yet recovered) must not hold the
+        // subscriber forever: past the timeout the session starts over.
+        let setup = async {
+            inner
+                .topology
+                .declare(&conn)
+                .await
+                .context("failed to declare the subscriber's queues")?;
+            let channel = conn.create_channel().await?;
+            let publisher = conn.create_channel().await?;
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            channel
+                .basic_qos(inner.settings.prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    inner.topology.queue.as_str().into(),
+                    inner.consumer.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .context("failed to consume")?;
+            anyhow::Ok((channel, publisher, consumer))
+        };
+        let set_up = tokio::select! {
+            _ = shutdown.cancelled() => Err(None),
+            set_up = tokio::time::timeout(BROKER_TIMEOUT, setup) => match set_up {
+                Ok(Ok(set_up)) => Ok(set_up),
+                Ok(Err(error)) => Err(Some(error)),
+                Err(_) => Err(Some(anyhow::anyhow!(
+                    "the broker did not answer the subscriber's set-up within {BROKER_TIMEOUT:?}"
+                ))),
+            },
+        };
+        let (channel, publisher, mut consumer) = match set_up {
+            Ok(set_up) => set_up,
+            Err(error) => {
+                // The connection is not left open behind a failed set-up;
+                // a broker that does not answer gets a bounded wait.
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "OK".into()))
+                    .await;
+                return error.map_or(Ok(()), Err);
+            }
+        };
         tracing::info!(consumer = %inner.consumer, queue = %inner.topology.queue, "subscriber consuming");
         inner.consuming.send_replace(true);
         // Whatever ends this session, the subscriber is no longer consuming.

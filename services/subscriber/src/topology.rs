@@ -169,20 +169,32 @@ impl Topology {
         let _ = channel.close(200, "OK".into()).await;
         for queue in self.retired_retry_queues() {
             // Each on a channel of its own, which the broker closes when the
-            // queue is missing or its node is down. Only a queue that is
-            // up and empty is deleted (a delete on a crashed classic queue
-            // would ignore `if_empty`); one still holding messages keeps
-            // sending them back to the work queue, and a later start
-            // removes it.
+            // queue's node is down. Only a queue that is up and empty is
+            // deleted (a delete on a crashed classic queue would ignore
+            // `if_empty`); one still holding messages keeps sending them
+            // back to the work queue, and a later start removes it.
+            //
+            // Declared as the earlier versions declared it, not passively:
+            // a missing queue is then created and at once deleted, rather
+            // than answered with a channel error that the AMQP client logs
+            // as an error at every start of every subscriber. The type is
+            // named (RabbitMQ takes a classic queue declared without it as
+            // the same queue), so that a virtual host whose default queue
+            // type is quorum does not create a quorum queue here, which
+            // would refuse the delete below.
             let channel = connection.create_channel().await?;
+            let mut legacy = FieldTable::default();
+            insert_str(&mut legacy, "x-queue-type", "classic");
+            insert_str(&mut legacy, "x-dead-letter-exchange", "");
+            insert_str(&mut legacy, "x-dead-letter-routing-key", &self.queue);
             let found = channel
                 .queue_declare(
                     queue.as_str().into(),
                     QueueDeclareOptions {
-                        passive: true,
+                        durable: true,
                         ..Default::default()
                     },
-                    FieldTable::default(),
+                    legacy,
                 )
                 .await;
             let empty = match found {
