@@ -267,9 +267,17 @@ impl Subscriber {
             .broker
             .connect(&self.inner.consumer)
             .await?;
-        self.inner.topology.declare(&conn).await?;
-        let _ = conn.close(200, "OK".into()).await;
-        Ok(())
+        // A broker that accepted the connection but does not answer fails
+        // the start instead of holding it forever.
+        let declared =
+            tokio::time::timeout(BROKER_TIMEOUT, self.inner.topology.declare(&conn)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "OK".into())).await;
+        match declared {
+            Ok(declared) => declared.context("failed to declare the subscriber's queues"),
+            Err(_) => Err(anyhow::anyhow!(
+                "the broker did not answer the subscriber's declarations within {BROKER_TIMEOUT:?}"
+            )),
+        }
     }
 
     /// Consumes until `shutdown`, reconnecting with backoff after broker

@@ -52,6 +52,8 @@ pub enum Mode {
 pub struct Recorder {
     pub mode: Arc<Mutex<Mode>>,
     pub calls: Arc<AtomicU32>,
+    /// The attempt number of each failed call in `AlwaysFail` mode, in order.
+    pub failed_attempts: Arc<Mutex<Vec<u32>>>,
     pub wrote: Arc<Notify>,
     pub release: Arc<Notify>,
 }
@@ -61,6 +63,7 @@ impl Recorder {
         Self {
             mode: Arc::new(Mutex::new(mode)),
             calls: Arc::new(AtomicU32::new(0)),
+            failed_attempts: Arc::new(Mutex::new(Vec::new())),
             wrote: Arc::new(Notify::new()),
             release: Arc::new(Notify::new()),
         }
@@ -81,6 +84,7 @@ impl EventHandler<OrderPlaced> for Recorder {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let mode = *self.mode.lock().unwrap();
         if mode == Mode::AlwaysFail && event.order_id.contains("fail") {
+            self.failed_attempts.lock().unwrap().push(meta.attempt);
             return Err(HandlerError::transient("downstream unavailable"));
         }
         if mode == Mode::NeedsKnownOrder {
