@@ -205,7 +205,8 @@ fn parse_machine(line: &str) -> Option<(u64, u64)> {
         .map(|field| field.parse().ok())
         .collect::<Option<_>>()?;
     let total: u64 = values.iter().sum();
-    let idle = values.get(3)? + values.get(4)?;
+    // Idle, waiting for I/O, or stolen by the hypervisor: not busy here.
+    let idle = values.get(3)? + values.get(4)? + values.get(7)?;
     Some((total - idle, total))
 }
 
@@ -224,6 +225,8 @@ mod tests {
     fn the_machine_line_gives_busy_and_total_ticks() {
         let line = "cpu  100 5 50 800 40 3 2 0 0 0";
         assert_eq!(parse_machine(line), Some((160, 1000)));
+        let stolen = "cpu  100 5 50 800 40 3 2 30 0 0";
+        assert_eq!(parse_machine(stolen), Some((160, 1030)));
         assert_eq!(parse_machine("cpu0 1 2 3 4 5 6 7 8"), None);
     }
 }

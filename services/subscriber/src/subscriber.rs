@@ -69,6 +69,9 @@ pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 /// Longest wait for the broker to confirm or accept an acknowledgement.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest wait for the broker to answer a cancel or a close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Longest wait between tries while the database is unreachable.
 const MAX_DATABASE_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -271,7 +274,7 @@ impl Subscriber {
         // the start instead of holding it forever.
         let declared =
             tokio::time::timeout(BROKER_TIMEOUT, self.inner.topology.declare(&conn)).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "OK".into())).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "OK".into())).await;
         match declared {
             Ok(declared) => declared.context("failed to declare the subscriber's queues"),
             Err(_) => Err(anyhow::anyhow!(
@@ -364,8 +367,7 @@ impl Subscriber {
             Err(error) => {
                 // The connection is not left open behind a failed set-up;
                 // a broker that does not answer gets a bounded wait.
-                let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "OK".into()))
-                    .await;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "OK".into())).await;
                 return error.map_or(Ok(()), Err);
             }
         };
@@ -417,12 +419,16 @@ impl Subscriber {
         if result.is_ok() {
             // Shutdown: stop the flow first, then let the lanes finish what
             // they hold and acknowledge it.
-            let _ = channel
-                .basic_cancel(
+            // A broker that stopped answering gets a bounded wait; the
+            // lanes then finish as they would have anyway.
+            let _ = tokio::time::timeout(
+                CLOSE_TIMEOUT,
+                channel.basic_cancel(
                     inner.consumer.as_str().into(),
                     BasicCancelOptions::default(),
-                )
-                .await;
+                ),
+            )
+            .await;
             drop(lanes);
             while workers.join_next().await.is_some() {}
         } else {
@@ -432,7 +438,7 @@ impl Subscriber {
             workers.abort_all();
             while workers.join_next().await.is_some() {}
         }
-        let _ = conn.close(200, "OK".into()).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "OK".into())).await;
         result
     }
 }

@@ -199,7 +199,12 @@ impl Topology {
                 .await;
             let empty = match found {
                 Ok(state) => state.message_count() == 0,
-                Err(_) => continue,
+                Err(error) => {
+                    // Its node is down, or it is not the classic queue an
+                    // earlier version declared: kept, and nothing is lost.
+                    tracing::info!(%queue, %error, "retired retry queue not checked; kept for now");
+                    continue;
+                }
             };
             if !empty {
                 tracing::info!(%queue, "retired retry queue still holds messages; kept for now");

@@ -194,12 +194,14 @@ async fn a_message_that_keeps_failing_is_retried_with_backoff_then_dead_lettered
             .contains("downstream unavailable")
     );
     assert!(setup.applied("order-5-fail").await?.is_empty());
-    // Three attempts, numbered 1 to 3. (A message that arrived in a batch
-    // with the other one failed there first and was then tried on its own
-    // under the same attempt number: the batch's try was rolled back.)
-    let mut attempts = recorder.failed_attempts.lock().unwrap().clone();
-    attempts.dedup();
-    assert_eq!(attempts, vec![1, 2, 3], "three attempts");
+    // Three attempts, numbered 1 to 3. The first may have been tried twice:
+    // a message that arrived in a batch with the other one failed there
+    // first, was rolled back, and was then tried on its own as attempt 1.
+    let attempts = recorder.failed_attempts.lock().unwrap().clone();
+    assert!(
+        attempts == [1, 2, 3] || attempts == [1, 1, 2, 3],
+        "three attempts: {attempts:?}"
+    );
 
     // Once the cause is fixed, the operator replays it.
     recorder.set_mode(Mode::Apply);
