@@ -187,16 +187,7 @@ impl Topology {
             insert_str(&mut legacy, "x-queue-type", "classic");
             insert_str(&mut legacy, "x-dead-letter-exchange", "");
             insert_str(&mut legacy, "x-dead-letter-routing-key", &self.queue);
-            let found = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    legacy,
-                )
-                .await;
+            let found = declare_queue(&channel, &queue, legacy).await;
             let empty = match found {
                 Ok(state) => state.message_count() == 0,
                 Err(error) => {
@@ -302,7 +293,13 @@ pub fn retry_delay(failures: u32, base: Duration, max: Duration) -> Duration {
     base.saturating_mul(factor).min(max)
 }
 
-async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
+/// Declares durable queue `name` with `args`; returns its state (the
+/// messages it holds).
+async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    args: FieldTable,
+) -> lapin::Result<lapin::Queue> {
     channel
         .queue_declare(
             name.into(),
@@ -312,8 +309,7 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin
             },
             args,
         )
-        .await?;
-    Ok(())
+        .await
 }
 
 fn insert(table: &mut FieldTable, key: &str, value: AMQPValue) {
