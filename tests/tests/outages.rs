@@ -83,6 +83,7 @@ async fn health_and_errors_follow_the_database_and_the_broker_and_recover() -> R
         pool: shop_server::database::PoolSettings {
             db_max_connections: 4,
             db_acquire_timeout: Duration::from_secs(1),
+            ..Default::default()
         },
         log_json: false,
         subscriber,
@@ -132,5 +133,229 @@ async fn health_and_errors_follow_the_database_and_the_broker_and_recover() -> R
 
     shutdown.cancel();
     running.await??;
+    Ok(())
+}
+
+/// An order service on `db` whose calls may take `call_timeout` and whose
+/// statements `statement_timeout`; its subscribers use `broker`.
+async fn order_service_with(
+    db: &TestDatabase,
+    broker: &TestBroker,
+    call_timeout: Duration,
+    statement_timeout: Duration,
+) -> Result<shop_server::Service> {
+    let mut subscriber = SubscriberSettings::new(&broker.url);
+    subscriber.exchange = broker.name("events");
+    subscriber.queue_prefix = format!("{}.", broker.name("q"));
+    for queue in ["order.events", "order.history"] {
+        for name in [queue.to_owned(), format!("{queue}.dlq")] {
+            broker.track(&format!("{}{name}", subscriber.queue_prefix));
+        }
+        for n in 1..subscriber.max_attempts {
+            broker.track(&shop_subscriber::topology::retry_queue(
+                &format!("{}{queue}", subscriber.queue_prefix),
+                subscriber.queue_kind,
+                n,
+            ));
+        }
+    }
+    order_service::build(order_service::Settings {
+        saga_timeout: Duration::from_secs(15 * 60),
+        grpc_addr: "127.0.0.1:0".parse()?,
+        database_url: db.url.clone(),
+        metrics_addr: None,
+        tls: Default::default(),
+        drain: shop_server::grpc::DrainSettings {
+            drain_timeout: Duration::from_secs(2),
+            call_timeout,
+        },
+        auth: shop_server::auth::AuthSettings::disabled(),
+        pool: shop_server::database::PoolSettings {
+            db_statement_timeout: statement_timeout,
+            ..Default::default()
+        },
+        log_json: false,
+        subscriber,
+    })
+    .await
+}
+
+/// Whether any session other than the test's own is waiting for a lock
+/// in `db`.
+async fn someone_waits_for_a_lock(db: &TestDatabase) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                        WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                          AND wait_event_type = 'Lock')",
+    )
+    .fetch_one(&db.pool)
+    .await?)
+}
+
+/// A PlaceOrder stuck behind a lock ends with DEADLINE_EXCEEDED, whether
+/// the call's deadline or the database's statement timeout comes first,
+/// and writes nothing; with the statement timeout the database also stops
+/// waiting, so the connection is free while the lock is still held.
+#[tokio::test]
+async fn calls_and_statements_stuck_behind_a_lock_end_at_their_deadline() -> Result<()> {
+    use shop_proto::order::v1::order_service_client::OrderServiceClient;
+    use shop_proto::order::v1::{PlaceOrderLine, PlaceOrderRequest};
+    use sqlx::Connection;
+
+    let db = TestDatabase::create(&order_service::migrator()).await?;
+    let broker = TestBroker::new().await;
+    let customer = uuid::Uuid::new_v4();
+    let product = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO customers (customer_id) VALUES ($1)")
+        .bind(customer)
+        .execute(&db.pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO catalog (product_id, sku, name, price_minor, currency) \
+         VALUES ($1, 'SKU-1', 'Pen', 250, 'EUR')",
+    )
+    .bind(product)
+    .execute(&db.pool)
+    .await?;
+    // The call carries no deadline of its own; the test gives up on an
+    // answer after a minute.
+    let place = |addr: SocketAddr, key: &'static str| async move {
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        let mut client = OrderServiceClient::new(channel);
+        let call = client.place_order(PlaceOrderRequest {
+            customer_id: customer.to_string(),
+            lines: vec![PlaceOrderLine {
+                product_id: product.to_string(),
+                quantity: 1,
+            }],
+            idempotency_key: key.into(),
+        });
+        let answer = tokio::time::timeout(TIMEOUT, call)
+            .await
+            .map_err(|_| anyhow::anyhow!("PlaceOrder did not answer within {TIMEOUT:?}"))?;
+        anyhow::Ok(answer)
+    };
+    let orders_with_key = |key: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            anyhow::Ok(
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM orders WHERE customer_id = $1 AND idempotency_key = $2",
+                )
+                .bind(customer)
+                .bind(key)
+                .fetch_one(&pool)
+                .await?,
+            )
+        }
+    };
+    // The test's own transaction uses the key first and stays open (see
+    // `hold_key`): the service's insert with the same key waits for it.
+
+    // The call's deadline first (the statement timeout is far away).
+    let shutdown = CancellationToken::new();
+    let app = order_service_with(
+        &db,
+        &broker,
+        Duration::from_secs(1),
+        Duration::from_secs(600),
+    )
+    .await?;
+    let addr = app.addr();
+    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let mut holder = db.connect().await?;
+    let mut held = holder.begin().await?;
+    hold_key(&mut held, customer, "first").await?;
+    let call = tokio::spawn(place(addr, "first"));
+    eventually(
+        TIMEOUT,
+        "the service to wait for the test's lock",
+        || async { Ok(someone_waits_for_a_lock(&db).await?.then_some(())) },
+    )
+    .await?;
+    let ended = call.await??.unwrap_err();
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    assert!(!ended.message().contains("SELECT"), "{ended:?}");
+    held.rollback().await?;
+    // The abandoned call's transaction was rolled back, not committed once
+    // the lock was gone: counted once the service has stopped and no
+    // session of its is left working or in a transaction.
+    shutdown.cancel();
+    running.await??;
+    eventually(
+        TIMEOUT,
+        "the service's sessions to be idle or gone",
+        || async {
+            let busy: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                            WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                              AND state IN ('active', 'idle in transaction'))",
+            )
+            .fetch_one(&db.pool)
+            .await?;
+            Ok((!busy).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        orders_with_key("first").await?,
+        0,
+        "the timed-out call wrote its order"
+    );
+
+    // The statement timeout first (the call's deadline is far away): the
+    // database gives up while the test still holds the lock.
+    let shutdown = CancellationToken::new();
+    let app = order_service_with(
+        &db,
+        &broker,
+        Duration::from_secs(600),
+        Duration::from_secs(1),
+    )
+    .await?;
+    let addr = app.addr();
+    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let mut held = holder.begin().await?;
+    hold_key(&mut held, customer, "second").await?;
+    let ended = place(addr, "second").await?.unwrap_err();
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    assert!(!ended.message().contains("statement"), "{ended:?}");
+    assert!(
+        !someone_waits_for_a_lock(&db).await?,
+        "the service's statement still waits although its call has ended"
+    );
+    held.rollback().await?;
+    assert_eq!(
+        orders_with_key("second").await?,
+        0,
+        "the cancelled statement wrote its order"
+    );
+    // The service recovers: the same key now places the order.
+    let placed = place(addr, "second").await??.into_inner();
+    assert!(placed.order.is_some());
+    assert_eq!(orders_with_key("second").await?, 1);
+    shutdown.cancel();
+    running.await??;
+    Ok(())
+}
+
+/// Inserts an order with `key` in the test's open transaction `tx`.
+async fn hold_key(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    customer: uuid::Uuid,
+    key: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, status, total_minor, currency, \
+                             idempotency_key, request_fingerprint, placed_at, updated_at) \
+         VALUES ($1, $2, 'PENDING', 250, 'EUR', $3, 'held by the test', now(), now())",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .bind(customer)
+    .bind(key)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }

@@ -3,20 +3,24 @@
 //! It starts the five services and their five outbox relays as separate
 //! processes (this binary run again as `shop-bench serve …`, see
 //! [`processes`]) on fresh databases and on an exchange and queues of their
-//! own, seeds customers and products, and then runs four phases:
+//! own, seeds customers and products, and then runs five phases:
 //!
 //! 1. **baseline**: PlaceOrder's writes (order, lines, outbox row, history
 //!    row, one transaction) straight through sqlx from `--callers` tasks on
 //!    a scratch database with the order schema; transactions per second.
-//! 2. **capacity**: `--callers` closed-loop PlaceOrder callers; PlaceOrder/s
+//! 2. **PlaceOrder alone**: `--callers` closed-loop PlaceOrder callers for
+//!    at most 4 s with the relays paused (SIGSTOP), so no saga step runs:
+//!    the API's own rate against the baseline, and its CPU per call. The
+//!    orders it placed go through the saga before the next phase.
+//! 3. **capacity**: `--callers` closed-loop PlaceOrder callers; PlaceOrder/s
 //!    and its ratio to the baseline, latency, sagas confirmed per second
 //!    during and after, and the backlog's trend.
-//! 3. **steady**: `--steady-load` (80 %) of that capacity as an open-loop
+//! 4. **steady**: `--steady-load` (80 %) of that capacity as an open-loop
 //!    schedule; sagas confirmed/s ÷ orders placed/s, the backlog's trend,
 //!    PlaceOrder→CONFIRMED latency, and how long the backlog took to drain.
-//! 4. **memory**: the peak resident memory of every process.
+//! 5. **memory**: the peak resident memory of every process.
 //!
-//! Phases 2 and 3 also print the CPU time each process (and PostgreSQL
+//! Phases 3 and 4 also print the CPU time each process (and PostgreSQL
 //! and RabbitMQ, when they run on this machine) used per saga, over the
 //! phase and its drain: where a faster checkout must save.
 //!
@@ -192,6 +196,16 @@ async fn run(options: Options) -> Result<()> {
     ensure_running(&mut checkout)?;
 
     let baseline = baseline_phase(&options, &catalog).await?;
+    let alone = alone_phase(
+        &options,
+        &checkout,
+        &probe,
+        &catalog,
+        baseline,
+        drain_timeout,
+    )
+    .await?;
+    ensure_running(&mut checkout)?;
     let capacity = capacity_phase(
         &options,
         &checkout,
@@ -217,7 +231,7 @@ async fn run(options: Options) -> Result<()> {
     let memory = checkout.peak_rss_kib();
     checkout.stop();
     let largest = memory_table(&memory);
-    summary(baseline, &capacity, &steady, &largest);
+    summary(baseline, alone, &capacity, &steady, &largest);
     Ok(())
 }
 
@@ -371,6 +385,77 @@ async fn capacity_phase(
     print_trends(&samples);
     print_cpu(cpu, &before, &after);
     Ok(Capacity { calls, ratio })
+}
+
+/// How long PlaceOrder runs with the relays paused, and the longest they
+/// stay paused whatever happens: well under their lease timeout (10 s),
+/// which a relay may have used a third of before it was paused, so that
+/// they keep their sessions and partitions.
+const ALONE_SECONDS: u64 = 4;
+const PAUSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// PlaceOrder with nothing else running: the relays are paused, so no
+/// event reaches a subscriber and the order service and PostgreSQL have the
+/// machine to themselves, as the baseline's writers had. Set against the
+/// capacity phase, it tells the API's own cost from the saga's. Returns
+/// PlaceOrder/s; the orders it placed go through the saga before the
+/// capacity phase starts.
+async fn alone_phase(
+    options: &Options,
+    checkout: &Checkout,
+    probe: &Arc<Probe>,
+    catalog: &Arc<Catalog>,
+    baseline: Throughput,
+    drain_timeout: Duration,
+) -> Result<f64> {
+    let seconds = options.seconds.min(ALONE_SECONDS);
+    println!();
+    println!(
+        "PlaceOrder alone: {} closed-loop callers, {seconds} s, the relays paused (no saga step runs)",
+        options.callers
+    );
+    let paused = checkout.pause_relays(PAUSE_LIMIT)?;
+    let cpu_before = CpuSnapshot::take(&checkout.pids());
+    let calls = load::closed_loop(
+        checkout.addr(Kind::Order),
+        catalog.clone(),
+        options.callers,
+        Duration::from_secs(seconds),
+    )
+    .await;
+    let cpu = cpu_use(cpu_before, &checkout.pids());
+    drop(paused);
+    let calls = calls?;
+    let placed = calls.per_second();
+    let (p50, p99) = p50_p99(calls.latencies_ms.clone());
+    println!(
+        "  PlaceOrder/s        {placed:>9.1}   ({} placed, {} failed)",
+        calls.latencies_ms.len(),
+        calls.failures.total()
+    );
+    if calls.failures.total() > 0 {
+        println!("  failures: {}", calls.failures);
+    }
+    println!("  PlaceOrder latency  p50 {p50:.1} ms, p99 {p99:.1} ms");
+    println!(
+        "  ÷ baseline          {:>9.2}",
+        placed / baseline.per_second()
+    );
+    match cpu {
+        Some(cpu) => cpu.print(calls.latencies_ms.len() as i64, "PlaceOrder"),
+        None => println!("  CPU: /proc could not be read on this machine"),
+    }
+    let drain = probe.wait_drained(drain_timeout).await?.with_context(|| {
+        format!(
+            "the orders placed with the relays paused were not all decided within {} s",
+            drain_timeout.as_secs()
+        )
+    })?;
+    println!(
+        "  with the relays resumed, their sagas were all decided {:.1} s later",
+        drain.as_secs_f64()
+    );
+    Ok(placed)
 }
 
 /// What the steady phase measured.
@@ -645,7 +730,13 @@ fn memory_table(memory: &[(String, Option<u64>)]) -> Largest {
     largest
 }
 
-fn summary(baseline: Throughput, capacity: &Capacity, steady: &Steady, largest: &Largest) {
+fn summary(
+    baseline: Throughput,
+    alone: f64,
+    capacity: &Capacity,
+    steady: &Steady,
+    largest: &Largest,
+) {
     println!();
     println!("summary");
     if cfg!(debug_assertions) {
@@ -663,6 +754,17 @@ fn summary(baseline: Throughput, capacity: &Capacity, steady: &Steady, largest: 
         ),
         format!("≥ {GOAL_CAPACITY_RATIO:.2}"),
         verdict(capacity.ratio >= GOAL_CAPACITY_RATIO),
+    ]);
+    rows.push([
+        "  the same with the relays paused".into(),
+        format!(
+            "{:.2} ({:.1} / {:.1})",
+            alone / baseline.per_second(),
+            alone,
+            baseline.per_second()
+        ),
+        "(for reference)".into(),
+        String::new(),
     ]);
     let saga_ratio = steady.confirmed_per_s / steady.placed_per_s;
     rows.push([

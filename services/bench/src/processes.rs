@@ -310,6 +310,35 @@ impl Checkout {
             .collect()
     }
 
+    /// Pauses every relay (SIGSTOP) until the value returned is dropped or
+    /// `limit` has passed, whichever comes first (SIGCONT): nothing is
+    /// published, so no saga step runs and the services answer only their
+    /// callers. Keep `limit` well under the relays' lease timeout (10 s),
+    /// after which PostgreSQL ends their silent sessions.
+    pub(crate) fn pause_relays(&self, limit: Duration) -> Result<PausedRelays> {
+        let mut paused = PausedRelays { pids: Vec::new() };
+        for child in &self.children.list {
+            if child.name.ends_with("-relay") {
+                let pid = child.process.id();
+                anyhow::ensure!(
+                    signal("-STOP", pid),
+                    "failed to pause {} (pid {pid})",
+                    child.name
+                );
+                paused.pids.push(pid);
+            }
+        }
+        let pids = paused.pids.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            for pid in pids {
+                // Resuming a process that runs already changes nothing.
+                signal("-CONT", pid);
+            }
+        });
+        Ok(paused)
+    }
+
     /// Names of children that have exited on their own.
     pub(crate) fn exited(&mut self) -> Vec<String> {
         let mut exited = Vec::new();
@@ -358,6 +387,33 @@ struct Child {
     name: String,
     process: std::process::Child,
     listening: Option<oneshot::Receiver<SocketAddr>>,
+}
+
+/// Relays paused by [`Checkout::pause_relays`]; they resume when this is
+/// dropped (also on an error) or at the pause's limit.
+#[derive(Debug)]
+pub(crate) struct PausedRelays {
+    pids: Vec<u32>,
+}
+
+impl Drop for PausedRelays {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            if !signal("-CONT", *pid) {
+                eprintln!("failed to resume relay pid {pid}");
+            }
+        }
+    }
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`, `-TERM`) to `pid`; whether it was sent.
+fn signal(signal: &str, pid: u32) -> bool {
+    Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
 }
 
 /// Child processes, stopped when dropped (also on an error or ctrl-c).
@@ -443,16 +499,9 @@ impl Children {
     /// exit, then SIGKILL to the rest.
     fn stop(&mut self) {
         for child in &mut self.list {
-            if matches!(child.process.try_wait(), Ok(None)) {
-                let terminated = Command::new("kill")
-                    .args(["-TERM", &child.process.id().to_string()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|status| status.success());
-                if !terminated {
-                    let _ = child.process.kill();
-                }
+            if matches!(child.process.try_wait(), Ok(None)) && !signal("-TERM", child.process.id())
+            {
+                let _ = child.process.kill();
             }
         }
         let deadline = Instant::now() + STOP_GRACE;

@@ -117,15 +117,23 @@ pub fn order_message(full: &FullOrder) -> Order {
 
 fn handler_error(error: HandlerError) -> ServiceError {
     let (HandlerError::Transient(error) | HandlerError::Permanent(error)) = error;
-    let unreachable = error.chain().any(|cause| {
-        cause
-            .downcast_ref::<sqlx::Error>()
-            .is_some_and(shop_server::error::is_unavailable)
-    });
-    if unreachable {
-        ServiceError::Unavailable(error)
-    } else {
-        ServiceError::Internal(error)
+    let database = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<sqlx::Error>());
+    match database {
+        Some(cause) if shop_server::error::is_unavailable(cause) => {
+            ServiceError::Unavailable(error)
+        }
+        Some(cause)
+            if cause
+                .as_database_error()
+                .and_then(|db| db.code())
+                .as_deref()
+                == Some(shop_server::error::QUERY_CANCELED) =>
+        {
+            ServiceError::DeadlineExceeded(error)
+        }
+        _ => ServiceError::Internal(error),
     }
 }
 

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::PgPool;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
 
 /// The size of a service's connection pool.
 ///
@@ -23,6 +23,14 @@ pub struct PoolSettings {
     /// Longest wait for a free connection before a call fails.
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_acquire_timeout: Duration,
+    /// Longest a statement may run, lock waits included, before PostgreSQL
+    /// cancels it (`statement_timeout`): the call fails with
+    /// DEADLINE_EXCEEDED, or the message is retried, and the connection
+    /// is free again. Keep it at least `GRPC_CALL_TIMEOUT`. It replaces a
+    /// `statement_timeout` set in the URL or for the role. Migrations are
+    /// not limited.
+    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub db_statement_timeout: Duration,
 }
 
 impl Default for PoolSettings {
@@ -30,8 +38,18 @@ impl Default for PoolSettings {
         Self {
             db_max_connections: 10,
             db_acquire_timeout: Duration::from_secs(5),
+            db_statement_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// A duration of at least a millisecond (PostgreSQL reads 0 as "no limit").
+pub fn positive_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value).map_err(|error| error.to_string())?;
+    if duration < Duration::from_millis(1) {
+        return Err("must be at least 1ms".into());
+    }
+    Ok(duration)
 }
 
 /// Connects to the service's database and applies its migrations.
@@ -40,17 +58,28 @@ pub async fn connect_and_migrate(
     pool: &PoolSettings,
     migrator: &Migrator,
 ) -> anyhow::Result<PgPool> {
-    let pool = PgPoolOptions::new()
-        .max_connections(pool.db_max_connections)
-        .acquire_timeout(pool.db_acquire_timeout)
-        .connect(url)
+    let options: PgConnectOptions = url.parse().context("invalid database URL")?;
+    // Migrations run on a connection of their own, without a statement or
+    // lock timeout (whatever the URL or the role says): building an index
+    // on a large table may take longer.
+    let unlimited = options
+        .clone()
+        .options([("statement_timeout", "0"), ("lock_timeout", "0")]);
+    let mut conn = PgConnection::connect_with(&unlimited)
         .await
         .context("failed to connect to PostgreSQL")?;
     migrator
-        .run(&pool)
+        .run(&mut conn)
         .await
         .context("failed to migrate the database")?;
-    Ok(pool)
+    let _ = conn.close().await;
+    let timeout = format!("{}ms", pool.db_statement_timeout.as_millis());
+    PgPoolOptions::new()
+        .max_connections(pool.db_max_connections)
+        .acquire_timeout(pool.db_acquire_timeout)
+        .connect_with(options.options([("statement_timeout", timeout.as_str())]))
+        .await
+        .context("failed to connect to PostgreSQL")
 }
 
 /// `url` with its database replaced by `name`, every parameter kept, for
@@ -84,7 +113,17 @@ pub fn url_for_database(url: &str, name: &str) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::url_for_database;
+    use super::{positive_duration, url_for_database};
+
+    #[test]
+    fn a_timeout_of_zero_is_refused_rather_than_read_as_no_limit() {
+        assert!(positive_duration("0s").is_err());
+        assert!(positive_duration("soon").is_err());
+        assert_eq!(
+            positive_duration("1500ms").unwrap(),
+            std::time::Duration::from_millis(1500)
+        );
+    }
 
     #[test]
     fn the_database_is_replaced_and_tls_parameters_kept() {

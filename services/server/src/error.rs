@@ -5,7 +5,8 @@
 //! and reach the client only as "internal error"; unique and foreign-key
 //! violations become `ALREADY_EXISTS` and `NOT_FOUND`. A database that
 //! cannot be reached (pool timeout, lost connection, server shutting down
-//! or full) is `UNAVAILABLE`, which standard client retry policies retry.
+//! or full) is `UNAVAILABLE`, which standard client retry policies retry;
+//! a statement the database cancelled at its timeout is `DEADLINE_EXCEEDED`.
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -14,6 +15,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub const UNIQUE_VIOLATION: &str = "23505";
 /// SQLSTATE of a foreign key violation.
 pub const FOREIGN_KEY_VIOLATION: &str = "23503";
+/// SQLSTATE of a statement cancelled, by its `statement_timeout` or by an
+/// operator.
+pub const QUERY_CANCELED: &str = "57014";
 
 /// Why a request was not carried out.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,11 @@ pub enum ServiceError {
     /// later may work. Logged in full, shown to clients generically.
     #[error("unavailable: {0:#}")]
     Unavailable(anyhow::Error),
+    /// The database did not finish in time (the statement timeout);
+    /// nothing was changed and trying again may work. Logged in full,
+    /// shown to clients generically.
+    #[error("deadline exceeded: {0:#}")]
+    DeadlineExceeded(anyhow::Error),
     /// Anything else; never shown to clients.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -77,6 +86,7 @@ impl From<sqlx::Error> for ServiceError {
                 Some(FOREIGN_KEY_VIOLATION) => {
                     return Self::NotFound("a referenced resource does not exist".into());
                 }
+                Some(QUERY_CANCELED) => return Self::DeadlineExceeded(error.into()),
                 _ => {}
             }
         }
@@ -111,6 +121,10 @@ impl From<ServiceError> for Status {
             ServiceError::Unavailable(error) => {
                 tracing::warn!(error = format!("{error:#}"), "dependency unavailable");
                 Status::unavailable("the service cannot reach its database; try again")
+            }
+            ServiceError::DeadlineExceeded(error) => {
+                tracing::warn!(error = format!("{error:#}"), "database statement timed out");
+                Status::deadline_exceeded("the database did not answer in time; try again")
             }
             ServiceError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "internal error");

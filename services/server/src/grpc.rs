@@ -1,8 +1,11 @@
 //! Serving a service's gRPC API with the standard health service and server
 //! reflection (so `grpcurl list` works).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -57,40 +60,121 @@ impl TlsSettings {
     }
 }
 
-/// How a server ends: the settings every service shares.
+/// How long calls may take and how a server ends: the settings every
+/// service shares.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DrainSettings {
     /// After SIGTERM, how long calls in flight may take to finish; then
     /// the remaining connections are closed and the process exits anyway.
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Longest a call may take to answer (a stream: to start answering);
+    /// then it ends with DEADLINE_EXCEEDED. A client's own shorter deadline
+    /// (`grpc-timeout`) applies as well.
+    #[arg(long, env = "GRPC_CALL_TIMEOUT", default_value = "30s", value_parser = crate::database::positive_duration)]
+    pub call_timeout: Duration,
 }
 
 impl Default for DrainSettings {
     fn default() -> Self {
         Self {
             drain_timeout: Duration::from_secs(10),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         }
     }
 }
 
-/// How a server ends its calls on shutdown.
+/// The default of `GRPC_CALL_TIMEOUT`.
+const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a server's calls may take, and how it ends them on shutdown.
 #[derive(Debug, Clone)]
 pub struct Drain {
     /// Longest wait for calls in flight once shutdown begins.
     pub timeout: Duration,
+    /// Longest a call may take to answer (see [`CallDeadlineLayer`]).
+    pub call_timeout: Duration,
     /// Cancelled when shutdown begins: long-lived streams (such as
     /// `WatchOrder`) end on it, telling their clients to reconnect.
     pub streams: CancellationToken,
 }
 
 impl Drain {
-    /// A drain of `timeout`, with a fresh token for the streams.
+    /// A drain of `timeout`, with the default call timeout and a fresh
+    /// token for the streams.
     pub fn new(timeout: Duration) -> Self {
         Self {
             timeout,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
             streams: CancellationToken::new(),
         }
+    }
+}
+
+/// Ends a call that has not answered within its timeout with
+/// DEADLINE_EXCEEDED, dropping its work: a transaction it had open is
+/// rolled back. A stream is bounded until it starts answering; from then
+/// on keepalives and shutdown govern it.
+#[derive(Debug, Clone, Copy)]
+pub struct CallDeadlineLayer {
+    timeout: Duration,
+}
+
+impl CallDeadlineLayer {
+    /// Calls answer within `timeout` or fail.
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+}
+
+impl<S> tower::Layer<S> for CallDeadlineLayer {
+    type Service = CallDeadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CallDeadline {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// The service [`CallDeadlineLayer`] wraps around each route.
+#[derive(Debug, Clone)]
+pub struct CallDeadline<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for CallDeadline<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let timeout = self.timeout;
+        let path = request.uri().path().to_owned();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, response).await {
+                Ok(response) => response,
+                Err(_) => {
+                    tracing::warn!(method = %path, ?timeout, "call not answered in time; ended");
+                    Ok(
+                        tonic::Status::deadline_exceeded(format!("no answer within {timeout:?}"))
+                            .into_http(),
+                    )
+                }
+            }
+        })
     }
 }
 
@@ -362,6 +446,7 @@ pub async fn serve(
         .layer(crate::metrics::GrpcMetricsLayer::new(known_methods(
             service_names,
         )))
+        .layer(CallDeadlineLayer::new(drain.call_timeout))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), stopping);
     let deadline = async {

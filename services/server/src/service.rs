@@ -97,8 +97,9 @@ impl Service {
         Ok(self)
     }
 
-    /// Ends calls on shutdown as `settings` say, and cancels `streams` when
-    /// shutdown begins (the service's long-lived streams end on it).
+    /// Bounds calls and ends them on shutdown as `settings` say, and
+    /// cancels `streams` when shutdown begins (the service's long-lived
+    /// streams end on it).
     pub fn with_drain(
         mut self,
         settings: &crate::grpc::DrainSettings,
@@ -106,6 +107,7 @@ impl Service {
     ) -> Self {
         self.serving.drain = crate::grpc::Drain {
             timeout: settings.drain_timeout,
+            call_timeout: settings.call_timeout,
             streams,
         };
         self

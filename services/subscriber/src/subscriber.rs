@@ -229,7 +229,10 @@ enum Outcome {
     Duplicate,
     Retry(String),
     DeadLetter(String),
-    DatabaseUnavailable(sqlx::Error),
+    /// Not the message's fault: the database is out of reach, or a lock
+    /// was not had in time (a deadlock, a statement timeout). The same
+    /// delivery is tried again after a pause, without spending an attempt.
+    DatabaseUnavailable(anyhow::Error),
 }
 
 impl Subscriber {
@@ -529,9 +532,12 @@ enum RunFailure {
 /// on from the delivery that waited.
 const BATCH_LOCK_TIMEOUT: &str = "20ms";
 
-/// SQLSTATEs of a lock wait that timed out and of a deadlock victim.
+/// SQLSTATEs of a lock wait that timed out, of a deadlock victim, and of
+/// a statement cancelled at its `statement_timeout` (most often a lock
+/// held for longer).
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 const DEADLOCK_DETECTED: &str = "40P01";
+const QUERY_CANCELED: &str = "57014";
 
 /// Commits a batch's transaction. The commit itself may wait for a lock
 /// (a transaction that sent NOTIFY takes PostgreSQL's notification queue
@@ -567,7 +573,8 @@ pub fn database_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
-/// Whether an error is a lock wait that timed out or a deadlock.
+/// Whether an error is a lock wait that timed out, a deadlock or a
+/// statement timeout.
 fn is_contention(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
@@ -580,7 +587,9 @@ fn is_contention_sqlx(error: &sqlx::Error) -> bool {
     error
         .as_database_error()
         .and_then(|error| error.code())
-        .is_some_and(|code| code == LOCK_NOT_AVAILABLE || code == DEADLOCK_DETECTED)
+        .is_some_and(|code| {
+            code == LOCK_NOT_AVAILABLE || code == DEADLOCK_DETECTED || code == QUERY_CANCELED
+        })
 }
 
 impl Inner {
@@ -597,7 +606,7 @@ impl Inner {
             let started = Instant::now();
             let outcome = self.apply(delivery).await;
             if let Outcome::DatabaseUnavailable(error) = &outcome {
-                tracing::warn!(consumer = %self.consumer, %error, retry_in = ?backoff, "database unavailable");
+                tracing::warn!(consumer = %self.consumer, error = format!("{error:#}"), retry_in = ?backoff, "database unavailable or contended");
                 tokio::select! {
                     // Leave the delivery unacknowledged: it returns to the
                     // queue when the channel closes.
@@ -813,7 +822,7 @@ impl Inner {
         async {
             let mut tx = match self.pool.begin().await {
                 Ok(tx) => tx,
-                Err(error) => return Outcome::DatabaseUnavailable(error),
+                Err(error) => return Outcome::DatabaseUnavailable(error.into()),
             };
             let aggregate = inbox::serial_key(metadata.aggregate_id.as_deref(), metadata.message_id);
             match inbox::record(&mut tx, &self.consumer, &aggregate, &metadata).await {
@@ -822,7 +831,7 @@ impl Inner {
                 // An outage, or a deadlock with another replica: try the
                 // same delivery again without spending an attempt.
                 Err(error) if database_unavailable(&error) || is_contention_sqlx(&error) => {
-                    return Outcome::DatabaseUnavailable(error);
+                    return Outcome::DatabaseUnavailable(error.into());
                 }
                 // Something about the message itself (say, a header
                 // PostgreSQL refuses): an ordinary failed attempt.
@@ -840,6 +849,13 @@ impl Inner {
                         Ok(()) => Outcome::Handled,
                         Err(error) => Outcome::Retry(format!("commit failed: {error}")),
                     };
+                }
+                // A deadlock or a statement timeout inside the handler:
+                // the same delivery again, as for the inbox insert above.
+                Ok(Err(HandlerError::Transient(error) | HandlerError::Permanent(error)))
+                    if is_contention(&error) =>
+                {
+                    Outcome::DatabaseUnavailable(error)
                 }
                 Ok(Err(HandlerError::Transient(error))) => Outcome::Retry(format!("{error:#}")),
                 Ok(Err(HandlerError::Permanent(error))) => Outcome::DeadLetter(format!("{error:#}")),

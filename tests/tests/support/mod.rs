@@ -158,6 +158,7 @@ impl System {
             tls: Default::default(),
             drain: shop_server::grpc::DrainSettings {
                 drain_timeout: Duration::from_secs(2),
+                ..Default::default()
             },
             auth: auth.clone(),
             pool: Default::default(),
@@ -177,6 +178,7 @@ impl System {
                 tls: Default::default(),
                 drain: shop_server::grpc::DrainSettings {
                     drain_timeout: Duration::from_secs(2),
+                    ..Default::default()
                 },
                 auth: auth.clone(),
                 pool: Default::default(),
@@ -196,6 +198,7 @@ impl System {
             tls: Default::default(),
             drain: shop_server::grpc::DrainSettings {
                 drain_timeout: Duration::from_secs(2),
+                ..Default::default()
             },
             auth: auth.clone(),
             pool: Default::default(),
@@ -214,6 +217,7 @@ impl System {
             tls: Default::default(),
             drain: shop_server::grpc::DrainSettings {
                 drain_timeout: Duration::from_secs(2),
+                ..Default::default()
             },
             auth: auth.clone(),
             pool: Default::default(),
@@ -232,6 +236,7 @@ impl System {
             tls: Default::default(),
             drain: shop_server::grpc::DrainSettings {
                 drain_timeout: Duration::from_secs(2),
+                ..Default::default()
             },
             auth: auth.clone(),
             pool: Default::default(),
