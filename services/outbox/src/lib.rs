@@ -185,8 +185,10 @@ pub struct OutboxRecord {
 }
 
 /// Writes `event` to the outbox inside `tx`. The event becomes visible to the
-/// relay when, and only if, `tx` commits.
-#[tracing::instrument(skip_all, fields(aggregate = aggregate.kind, aggregate_id = aggregate.id, event_type), err)]
+/// relay when, and only if, `tx` commits. A failure is the caller's to
+/// report (an API call answers it, a subscriber retries it, a batch's lock
+/// timeout is routine); here it is only logged at debug, in full.
+#[tracing::instrument(skip_all, fields(aggregate = aggregate.kind, aggregate_id = aggregate.id, event_type), err(level = "debug", Debug))]
 pub async fn enqueue<E>(
     tx: &mut Transaction<'_, Postgres>,
     aggregate: Aggregate<'_>,
