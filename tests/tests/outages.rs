@@ -137,12 +137,13 @@ async fn health_and_errors_follow_the_database_and_the_broker_and_recover() -> R
 }
 
 /// An order service on `db` whose calls may take `call_timeout` and whose
-/// statements `statement_timeout`; its subscribers use `broker`.
+/// statements wait for a lock at most `lock_timeout`; its subscribers use
+/// `broker`.
 async fn order_service_with(
     db: &TestDatabase,
     broker: &TestBroker,
     call_timeout: Duration,
-    statement_timeout: Duration,
+    lock_timeout: Duration,
 ) -> Result<shop_server::Service> {
     let mut subscriber = SubscriberSettings::new(&broker.url);
     subscriber.exchange = broker.name("events");
@@ -171,7 +172,8 @@ async fn order_service_with(
         },
         auth: shop_server::auth::AuthSettings::disabled(),
         pool: shop_server::database::PoolSettings {
-            db_statement_timeout: statement_timeout,
+            db_statement_timeout: lock_timeout * 2,
+            db_lock_timeout: lock_timeout,
             ..Default::default()
         },
         log_json: false,
@@ -192,12 +194,12 @@ async fn someone_waits_for_a_lock(db: &TestDatabase) -> Result<bool> {
     .await?)
 }
 
-/// A PlaceOrder stuck behind a lock ends with DEADLINE_EXCEEDED, whether
-/// the call's deadline or the database's statement timeout comes first,
-/// and writes nothing; with the statement timeout the database also stops
-/// waiting, so the connection is free while the lock is still held.
+/// A PlaceOrder stuck behind a lock ends, and writes nothing: at the
+/// call's deadline with DEADLINE_EXCEEDED, or at the database's lock
+/// timeout with ABORTED, and then the database stops waiting too, so the
+/// connection is free while the lock is still held.
 #[tokio::test]
-async fn calls_and_statements_stuck_behind_a_lock_end_at_their_deadline() -> Result<()> {
+async fn calls_stuck_behind_a_lock_end_at_their_deadline_or_the_lock_timeout() -> Result<()> {
     use shop_proto::order::v1::order_service_client::OrderServiceClient;
     use shop_proto::order::v1::{PlaceOrderLine, PlaceOrderRequest};
     use sqlx::Connection;
@@ -305,7 +307,7 @@ async fn calls_and_statements_stuck_behind_a_lock_end_at_their_deadline() -> Res
         "the timed-out call wrote its order"
     );
 
-    // The statement timeout first (the call's deadline is far away): the
+    // The lock timeout first (the call's deadline is far away): the
     // database gives up while the test still holds the lock.
     let shutdown = CancellationToken::new();
     let app = order_service_with(
@@ -320,8 +322,8 @@ async fn calls_and_statements_stuck_behind_a_lock_end_at_their_deadline() -> Res
     let mut held = holder.begin().await?;
     hold_key(&mut held, customer, "second").await?;
     let ended = place(addr, "second").await?.unwrap_err();
-    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
-    assert!(!ended.message().contains("statement"), "{ended:?}");
+    assert_eq!(ended.code(), Code::Aborted, "{ended:?}");
+    assert!(!ended.message().contains("lock"), "{ended:?}");
     assert!(
         !someone_waits_for_a_lock(&db).await?,
         "the service's statement still waits although its call has ended"
@@ -330,7 +332,7 @@ async fn calls_and_statements_stuck_behind_a_lock_end_at_their_deadline() -> Res
     assert_eq!(
         orders_with_key("second").await?,
         0,
-        "the cancelled statement wrote its order"
+        "the statement that gave up wrote its order"
     );
     // The service recovers: the same key now places the order.
     let placed = place(addr, "second").await??.into_inner();
@@ -357,5 +359,54 @@ async fn hold_key(
     .bind(key)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// Every connection of a service's pool carries the statement and lock
+/// timeouts it was given; a lock timeout that could never apply is
+/// refused.
+#[tokio::test]
+async fn a_services_connections_carry_its_statement_and_lock_timeouts() -> Result<()> {
+    let db = TestDatabase::create(&user_service::migrator()).await?;
+    let settings = shop_server::database::PoolSettings {
+        db_max_connections: 2,
+        db_statement_timeout: Duration::from_millis(1500),
+        db_lock_timeout: Duration::from_millis(700),
+        ..Default::default()
+    };
+    let pool =
+        shop_server::database::connect_and_migrate(&db.url, &settings, &user_service::migrator())
+            .await?;
+    let mut conn = pool.acquire().await?;
+    let statement: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&mut *conn)
+        .await?;
+    let lock: String = sqlx::query_scalar("SHOW lock_timeout")
+        .fetch_one(&mut *conn)
+        .await?;
+    assert_eq!((statement.as_str(), lock.as_str()), ("1500ms", "700ms"));
+    // A slow statement that waits for no lock is cancelled too.
+    let slow = sqlx::query("SELECT pg_sleep(5)")
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+    let status = tonic::Status::from(shop_server::error::ServiceError::from(slow));
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    drop(conn);
+    pool.close().await;
+
+    let backwards = shop_server::database::PoolSettings {
+        db_statement_timeout: Duration::from_secs(1),
+        db_lock_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let refused =
+        shop_server::database::connect_and_migrate(&db.url, &backwards, &user_service::migrator())
+            .await
+            .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("--db-lock-timeout"),
+        "{refused:#}"
+    );
     Ok(())
 }

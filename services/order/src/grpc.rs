@@ -120,19 +120,20 @@ fn handler_error(error: HandlerError) -> ServiceError {
     let database = error
         .chain()
         .find_map(|cause| cause.downcast_ref::<sqlx::Error>());
-    match database {
-        Some(cause) if shop_server::error::is_unavailable(cause) => {
-            ServiceError::Unavailable(error)
-        }
-        Some(cause)
-            if cause
-                .as_database_error()
-                .and_then(|db| db.code())
-                .as_deref()
-                == Some(shop_server::error::QUERY_CANCELED) =>
-        {
-            ServiceError::DeadlineExceeded(error)
-        }
+    let Some(cause) = database else {
+        return ServiceError::Internal(error);
+    };
+    if shop_server::error::is_unavailable(cause) {
+        return ServiceError::Unavailable(error);
+    }
+    use shop_server::error::{DEADLOCK_DETECTED, LOCK_NOT_AVAILABLE, QUERY_CANCELED};
+    match cause
+        .as_database_error()
+        .and_then(|db| db.code())
+        .as_deref()
+    {
+        Some(QUERY_CANCELED) => ServiceError::DeadlineExceeded(error),
+        Some(LOCK_NOT_AVAILABLE | DEADLOCK_DETECTED) => ServiceError::Aborted(error),
         _ => ServiceError::Internal(error),
     }
 }

@@ -23,14 +23,20 @@ pub struct PoolSettings {
     /// Longest wait for a free connection before a call fails.
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_acquire_timeout: Duration,
-    /// Longest a statement may run, lock waits included, before PostgreSQL
-    /// cancels it (`statement_timeout`): the call fails with
-    /// DEADLINE_EXCEEDED, or the message is retried, and the connection
-    /// is free again. Keep it at least `GRPC_CALL_TIMEOUT`. It replaces a
+    /// Longest a statement may run before PostgreSQL cancels it
+    /// (`statement_timeout`): the call fails with DEADLINE_EXCEEDED, or
+    /// the message is retried as a failed attempt, and the connection is
+    /// free again. Keep it at least `GRPC_CALL_TIMEOUT`. It replaces a
     /// `statement_timeout` set in the URL or for the role. Migrations are
     /// not limited.
     #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     pub db_statement_timeout: Duration,
+    /// Longest a statement waits for one lock (`lock_timeout`), shorter
+    /// than the statement timeout: the call fails with ABORTED, or the
+    /// message is tried again in place without spending an attempt (a
+    /// lock held long delays messages, it does not dead-letter them).
+    #[arg(long, env = "DATABASE_LOCK_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub db_lock_timeout: Duration,
 }
 
 impl Default for PoolSettings {
@@ -39,6 +45,7 @@ impl Default for PoolSettings {
             db_max_connections: 10,
             db_acquire_timeout: Duration::from_secs(5),
             db_statement_timeout: Duration::from_secs(30),
+            db_lock_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -58,6 +65,10 @@ pub async fn connect_and_migrate(
     pool: &PoolSettings,
     migrator: &Migrator,
 ) -> anyhow::Result<PgPool> {
+    anyhow::ensure!(
+        pool.db_lock_timeout < pool.db_statement_timeout,
+        "--db-lock-timeout must be shorter than --db-statement-timeout, or it never applies"
+    );
     let options: PgConnectOptions = url.parse().context("invalid database URL")?;
     // Migrations run on a connection of their own, without a statement or
     // lock timeout (whatever the URL or the role says): building an index
@@ -73,11 +84,15 @@ pub async fn connect_and_migrate(
         .await
         .context("failed to migrate the database")?;
     let _ = conn.close().await;
-    let timeout = format!("{}ms", pool.db_statement_timeout.as_millis());
+    let statement = format!("{}ms", pool.db_statement_timeout.as_millis());
+    let lock = format!("{}ms", pool.db_lock_timeout.as_millis());
     PgPoolOptions::new()
         .max_connections(pool.db_max_connections)
         .acquire_timeout(pool.db_acquire_timeout)
-        .connect_with(options.options([("statement_timeout", timeout.as_str())]))
+        .connect_with(options.options([
+            ("statement_timeout", statement.as_str()),
+            ("lock_timeout", lock.as_str()),
+        ]))
         .await
         .context("failed to connect to PostgreSQL")
 }

@@ -6,7 +6,8 @@
 //! violations become `ALREADY_EXISTS` and `NOT_FOUND`. A database that
 //! cannot be reached (pool timeout, lost connection, server shutting down
 //! or full) is `UNAVAILABLE`, which standard client retry policies retry;
-//! a statement the database cancelled at its timeout is `DEADLINE_EXCEEDED`.
+//! a statement the database cancelled at its timeout is `DEADLINE_EXCEEDED`,
+//! and a lock not had in time (the lock timeout, a deadlock) `ABORTED`.
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -18,6 +19,10 @@ pub const FOREIGN_KEY_VIOLATION: &str = "23503";
 /// SQLSTATE of a statement cancelled, by its `statement_timeout` or by an
 /// operator.
 pub const QUERY_CANCELED: &str = "57014";
+/// SQLSTATEs of a lock not had within `lock_timeout`, and of a deadlock
+/// victim.
+pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+pub const DEADLOCK_DETECTED: &str = "40P01";
 
 /// Why a request was not carried out.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,11 @@ pub enum ServiceError {
     /// shown to clients generically.
     #[error("deadline exceeded: {0:#}")]
     DeadlineExceeded(anyhow::Error),
+    /// A lock was not had in time (the lock timeout, a deadlock); nothing
+    /// was changed and trying again may work. Logged in full, shown to
+    /// clients generically.
+    #[error("aborted: {0:#}")]
+    Aborted(anyhow::Error),
     /// Anything else; never shown to clients.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -87,6 +97,7 @@ impl From<sqlx::Error> for ServiceError {
                     return Self::NotFound("a referenced resource does not exist".into());
                 }
                 Some(QUERY_CANCELED) => return Self::DeadlineExceeded(error.into()),
+                Some(LOCK_NOT_AVAILABLE | DEADLOCK_DETECTED) => return Self::Aborted(error.into()),
                 _ => {}
             }
         }
@@ -125,6 +136,10 @@ impl From<ServiceError> for Status {
             ServiceError::DeadlineExceeded(error) => {
                 tracing::warn!(error = format!("{error:#}"), "database statement timed out");
                 Status::deadline_exceeded("the database did not answer in time; try again")
+            }
+            ServiceError::Aborted(error) => {
+                tracing::warn!(error = format!("{error:#}"), "lock not had in time");
+                Status::aborted("the data is busy; try again")
             }
             ServiceError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "internal error");

@@ -230,7 +230,7 @@ enum Outcome {
     Retry(String),
     DeadLetter(String),
     /// Not the message's fault: the database is out of reach, or a lock
-    /// was not had in time (a deadlock, a statement timeout). The same
+    /// was not had in time (the lock timeout, a deadlock). The same
     /// delivery is tried again after a pause, without spending an attempt.
     DatabaseUnavailable(anyhow::Error),
 }
@@ -532,12 +532,13 @@ enum RunFailure {
 /// on from the delivery that waited.
 const BATCH_LOCK_TIMEOUT: &str = "20ms";
 
-/// SQLSTATEs of a lock wait that timed out, of a deadlock victim, and of
-/// a statement cancelled at its `statement_timeout` (most often a lock
-/// held for longer).
+/// SQLSTATEs of a lock wait that timed out and of a deadlock victim. (A
+/// statement cancelled at its `statement_timeout` is not among them: it
+/// may be slow for reasons of its own, and is retried as a failed
+/// attempt, so it ends in the dead-letter queue rather than stalling the
+/// lane for good.)
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 const DEADLOCK_DETECTED: &str = "40P01";
-const QUERY_CANCELED: &str = "57014";
 
 /// Commits a batch's transaction. The commit itself may wait for a lock
 /// (a transaction that sent NOTIFY takes PostgreSQL's notification queue
@@ -573,8 +574,7 @@ pub fn database_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
-/// Whether an error is a lock wait that timed out, a deadlock or a
-/// statement timeout.
+/// Whether an error is a lock wait that timed out or a deadlock.
 fn is_contention(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
@@ -587,9 +587,7 @@ fn is_contention_sqlx(error: &sqlx::Error) -> bool {
     error
         .as_database_error()
         .and_then(|error| error.code())
-        .is_some_and(|code| {
-            code == LOCK_NOT_AVAILABLE || code == DEADLOCK_DETECTED || code == QUERY_CANCELED
-        })
+        .is_some_and(|code| code == LOCK_NOT_AVAILABLE || code == DEADLOCK_DETECTED)
 }
 
 impl Inner {
@@ -850,10 +848,9 @@ impl Inner {
                         Err(error) => Outcome::Retry(format!("commit failed: {error}")),
                     };
                 }
-                // A deadlock or a statement timeout inside the handler:
-                // the same delivery again, as for the inbox insert above.
-                Ok(Err(HandlerError::Transient(error) | HandlerError::Permanent(error)))
-                    if is_contention(&error) =>
+                // A lock not had in time inside the handler: the same
+                // delivery again, as for the inbox insert above.
+                Ok(Err(HandlerError::Transient(error))) if is_contention(&error) =>
                 {
                     Outcome::DatabaseUnavailable(error)
                 }

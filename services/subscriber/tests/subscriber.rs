@@ -555,23 +555,26 @@ async fn upgrading_to_replicated_retry_queues_strands_no_message_waiting_in_the_
     Ok(())
 }
 
-/// A delivery held up past the statement timeout (here by a lock someone
-/// else keeps for longer) is tried again in place, without spending an
-/// attempt, and applied once the lock is free: a long-held lock delays
-/// messages but never dead-letters them.
+/// A delivery whose handler does not get a lock in time (someone else
+/// holds the row for longer than the lock timeout, several times over) is
+/// tried again in place, without spending an attempt, and applied once the
+/// lock is free: a long-held lock delays messages but never dead-letters
+/// them.
 #[tokio::test]
-async fn a_delivery_held_up_past_the_statement_timeout_waits_without_spending_attempts()
--> Result<()> {
-    use shop_proto::events::v1::OrderPlaced;
+async fn a_handler_held_up_past_the_lock_timeout_waits_without_spending_attempts() -> Result<()> {
+    use shop_proto::events::v1::{OrderLine, OrderPlaced};
     use sqlx::postgres::PgPoolOptions;
 
     let setup = Setup::new().await?;
-    let recorder = Recorder::new(Mode::Apply);
-    // The subscriber's connections cancel any statement after 200 ms, as a
-    // service's do after DATABASE_STATEMENT_TIMEOUT.
+    sqlx::query("INSERT INTO counters (key) VALUES ('held')")
+        .execute(&setup.db.pool)
+        .await?;
+    let recorder = Recorder::new(Mode::CountLines);
+    // The subscriber's connections give up on a lock after 200 ms, as a
+    // service's do after DATABASE_LOCK_TIMEOUT.
     let options = (*setup.db.pool.connect_options())
         .clone()
-        .options([("statement_timeout", "200ms")]);
+        .options([("lock_timeout", "200ms"), ("statement_timeout", "5s")]);
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .connect_with(options)
@@ -590,17 +593,40 @@ async fn a_delivery_held_up_past_the_statement_timeout_waits_without_spending_at
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(subscriber.run_until_stopped(shutdown.clone()));
 
-    // The test holds the lock the inbox takes for this aggregate for ten
-    // times the statement timeout: with three attempts 50–200 ms apart, a
-    // delivery that spent an attempt per timeout would be dead-lettered
-    // well before the lock is let go.
+    // The test holds the row the handler updates for ten times the lock
+    // timeout: with three attempts 50–200 ms apart, a delivery that spent
+    // an attempt per timeout would be dead-lettered well before the row is
+    // let go.
     let mut holder = setup.db.pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))")
-        .bind(support::CONSUMER)
-        .bind("order-held")
+    sqlx::query("SELECT n FROM counters WHERE key = 'held' FOR UPDATE")
         .execute(&mut *holder)
         .await?;
-    setup.publish(Uuid::now_v7(), "order-held").await?;
+    let event = OrderPlaced {
+        order_id: "order-held".into(),
+        lines: vec![OrderLine {
+            product_id: "held".into(),
+            quantity: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    setup
+        .publish_orders(&[(Uuid::now_v7(), "order-held".into(), event)])
+        .await?;
+    shop_tests::eventually(
+        Duration::from_secs(30),
+        "the handler to wait for the row",
+        || async {
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                            WHERE datname = current_database() AND wait_event_type = 'Lock')",
+            )
+            .fetch_one(&setup.db.pool)
+            .await?;
+            Ok(waiting.then_some(()))
+        },
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(setup.applied("order-held").await?.is_empty());
     holder.rollback().await?;
@@ -610,6 +636,10 @@ async fn a_delivery_held_up_past_the_statement_timeout_waits_without_spending_at
         [(1, false)],
         "applied once, as its first attempt, from its first delivery"
     );
+    let counted: i64 = sqlx::query_scalar("SELECT n FROM counters WHERE key = 'held'")
+        .fetch_one(&setup.db.pool)
+        .await?;
+    assert_eq!(counted, 1);
     let conn = setup.broker.connect().await?;
     assert!(
         shop_subscriber::dlq::list(&conn, &setup.queue)
