@@ -52,8 +52,10 @@ impl Metadata {
 /// Why a handler did not apply an event.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// May succeed later (a dependency not there yet, a lock timeout): the
-    /// message is retried with backoff, then dead-lettered.
+    /// May succeed later (a dependency not there yet): the message is
+    /// retried with backoff, then dead-lettered. One whose cause is a lock
+    /// not had in time (`lock_timeout`, a deadlock) is tried again in place
+    /// instead, without spending an attempt.
     #[error("transient: {0:#}")]
     Transient(anyhow::Error),
     /// Will never succeed: the message goes to the dead-letter queue at once.

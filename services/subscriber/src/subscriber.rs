@@ -542,10 +542,11 @@ const DEADLOCK_DETECTED: &str = "40P01";
 
 /// Commits a batch's transaction. The commit itself may wait for a lock
 /// (a transaction that sent NOTIFY takes PostgreSQL's notification queue
-/// lock at commit), so the batch's lock timeout is lifted first: a
-/// commit that failed would throw the whole batch away.
+/// lock at commit), so the lock timeout is lifted first, the batch's
+/// and the connection's: a commit that failed would throw the whole batch
+/// away. (The statement timeout still bounds it.)
 async fn commit_without_lock_timeout(mut tx: HandlerTx) -> sqlx::Result<()> {
-    sqlx::query("SET LOCAL lock_timeout TO DEFAULT")
+    sqlx::query("SET LOCAL lock_timeout = 0")
         .execute(&mut *tx)
         .await?;
     tx.commit().await
@@ -845,6 +846,12 @@ impl Inner {
                 Ok(Ok(())) => {
                     return match tx.commit().await {
                         Ok(()) => Outcome::Handled,
+                        // Refused by the server (a lock for NOTIFY not had
+                        // in time, a deadlock): rolled back, so the same
+                        // delivery again.
+                        Err(error) if is_contention_sqlx(&error) => {
+                            Outcome::DatabaseUnavailable(error.into())
+                        }
                         Err(error) => Outcome::Retry(format!("commit failed: {error}")),
                     };
                 }

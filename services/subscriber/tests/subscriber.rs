@@ -629,6 +629,10 @@ async fn a_handler_held_up_past_the_lock_timeout_waits_without_spending_attempts
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(setup.applied("order-held").await?.is_empty());
+    assert!(
+        recorder.calls.load(Ordering::SeqCst) >= 2,
+        "the handler gave up on the row and was tried again"
+    );
     holder.rollback().await?;
 
     assert_eq!(
