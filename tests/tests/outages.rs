@@ -136,15 +136,29 @@ async fn health_and_errors_follow_the_database_and_the_broker_and_recover() -> R
     Ok(())
 }
 
-/// An order service on `db` whose calls may take `call_timeout` and whose
-/// statements wait for a lock at most `lock_timeout`; its subscribers use
-/// `broker`.
+/// A service running until [`Running::stop`].
+struct Running {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+}
+
+/// Runs an order service on `db` whose calls may take `call_timeout` and
+/// whose statements wait for a lock at most `lock_timeout`; its
+/// subscribers use `broker`.
 async fn order_service_with(
     db: &TestDatabase,
     broker: &TestBroker,
     call_timeout: Duration,
     lock_timeout: Duration,
-) -> Result<shop_server::Service> {
+) -> Result<Running> {
     let mut subscriber = SubscriberSettings::new(&broker.url);
     subscriber.exchange = broker.name("events");
     subscriber.queue_prefix = format!("{}.", broker.name("q"));
@@ -160,7 +174,7 @@ async fn order_service_with(
             ));
         }
     }
-    order_service::build(order_service::Settings {
+    let app = order_service::build(order_service::Settings {
         saga_timeout: Duration::from_secs(15 * 60),
         grpc_addr: "127.0.0.1:0".parse()?,
         database_url: db.url.clone(),
@@ -179,7 +193,13 @@ async fn order_service_with(
         log_json: false,
         subscriber,
     })
-    .await
+    .await?;
+    let shutdown = CancellationToken::new();
+    Ok(Running {
+        addr: app.addr(),
+        shutdown: shutdown.clone(),
+        task: tokio::spawn(app.run_until_stopped(shutdown)),
+    })
 }
 
 /// Whether any session other than the test's own is waiting for a lock
@@ -256,17 +276,15 @@ async fn calls_stuck_behind_a_lock_end_at_their_deadline_or_the_lock_timeout() -
     // The test's own transaction uses the key first and stays open (see
     // `hold_key`): the service's insert with the same key waits for it.
 
-    // The call's deadline first (the statement timeout is far away).
-    let shutdown = CancellationToken::new();
-    let app = order_service_with(
+    // The call's deadline first (the lock timeout is far away).
+    let service = order_service_with(
         &db,
         &broker,
         Duration::from_secs(1),
         Duration::from_secs(600),
     )
     .await?;
-    let addr = app.addr();
-    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let addr = service.addr;
     let mut holder = db.connect().await?;
     let mut held = holder.begin().await?;
     hold_key(&mut held, customer, "first").await?;
@@ -284,8 +302,7 @@ async fn calls_stuck_behind_a_lock_end_at_their_deadline_or_the_lock_timeout() -
     // The abandoned call's transaction was rolled back, not committed once
     // the lock was gone: counted once the service has stopped and no
     // session of its is left working or in a transaction.
-    shutdown.cancel();
-    running.await??;
+    service.stop().await?;
     eventually(
         TIMEOUT,
         "the service's sessions to be idle or gone",
@@ -309,16 +326,14 @@ async fn calls_stuck_behind_a_lock_end_at_their_deadline_or_the_lock_timeout() -
 
     // The lock timeout first (the call's deadline is far away): the
     // database gives up while the test still holds the lock.
-    let shutdown = CancellationToken::new();
-    let app = order_service_with(
+    let service = order_service_with(
         &db,
         &broker,
         Duration::from_secs(600),
         Duration::from_secs(1),
     )
     .await?;
-    let addr = app.addr();
-    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let addr = service.addr;
     let mut held = holder.begin().await?;
     hold_key(&mut held, customer, "second").await?;
     let ended = place(addr, "second").await?.unwrap_err();
@@ -338,8 +353,7 @@ async fn calls_stuck_behind_a_lock_end_at_their_deadline_or_the_lock_timeout() -
     let placed = place(addr, "second").await??.into_inner();
     assert!(placed.order.is_some());
     assert_eq!(orders_with_key("second").await?, 1);
-    shutdown.cancel();
-    running.await??;
+    service.stop().await?;
     Ok(())
 }
 

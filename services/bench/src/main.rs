@@ -352,18 +352,8 @@ async fn capacity_phase(
     let after = probe.counts().await?;
     let cpu = cpu_use(cpu_before, &checkout.pids());
 
-    let placed = calls.per_second();
+    let placed = print_calls(&calls);
     let ratio = placed / baseline.per_second();
-    let (p50, p99) = p50_p99(calls.latencies_ms.clone());
-    println!(
-        "  PlaceOrder/s        {placed:>9.1}   ({} placed, {} failed)",
-        calls.latencies_ms.len(),
-        calls.failures.total()
-    );
-    if calls.failures.total() > 0 {
-        println!("  failures: {}", calls.failures);
-    }
-    println!("  PlaceOrder latency  p50 {p50:.1} ms, p99 {p99:.1} ms");
     println!("  ÷ baseline          {ratio:>9.2}   (goal ≥ {GOAL_CAPACITY_RATIO:.2})");
     let during = (at_end.confirmed - before.confirmed) as f64 / calls.elapsed.as_secs_f64();
     print!("  sagas confirmed/s   {during:>9.1}   during the phase");
@@ -385,6 +375,23 @@ async fn capacity_phase(
     print_trends(&samples);
     print_cpu(cpu, &before, &after);
     Ok(Capacity { calls, ratio })
+}
+
+/// Prints closed-loop PlaceOrder calls' rate, failures and latency;
+/// returns the rate.
+fn print_calls(calls: &Calls) -> f64 {
+    let placed = calls.per_second();
+    let (p50, p99) = p50_p99(calls.latencies_ms.clone());
+    println!(
+        "  PlaceOrder/s        {placed:>9.1}   ({} placed, {} failed)",
+        calls.latencies_ms.len(),
+        calls.failures.total()
+    );
+    if calls.failures.total() > 0 {
+        println!("  failures: {}", calls.failures);
+    }
+    println!("  PlaceOrder latency  p50 {p50:.1} ms, p99 {p99:.1} ms");
+    placed
 }
 
 /// How long PlaceOrder runs with the relays paused, and the longest they
@@ -426,17 +433,7 @@ async fn alone_phase(
     let cpu = cpu_use(cpu_before, &checkout.pids());
     drop(paused);
     let calls = calls?;
-    let placed = calls.per_second();
-    let (p50, p99) = p50_p99(calls.latencies_ms.clone());
-    println!(
-        "  PlaceOrder/s        {placed:>9.1}   ({} placed, {} failed)",
-        calls.latencies_ms.len(),
-        calls.failures.total()
-    );
-    if calls.failures.total() > 0 {
-        println!("  failures: {}", calls.failures);
-    }
-    println!("  PlaceOrder latency  p50 {p50:.1} ms, p99 {p99:.1} ms");
+    let placed = print_calls(&calls);
     println!(
         "  ÷ baseline          {:>9.2}",
         placed / baseline.per_second()
